@@ -1,0 +1,3 @@
+"""walkthrough: turn unlabeled gameplay video into training data for generalist gaming agents."""
+
+__version__ = "0.1.0"
