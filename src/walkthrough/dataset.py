@@ -14,7 +14,9 @@ controller overlay masked; or, with ``preload=True``, whole episodes are decoded
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,16 +40,33 @@ class WindowSpec:
 def split_episodes(episodes: list[Episode], val_fraction: float, seed: int = 0) -> tuple[list[Episode], list[Episode]]:
     """Split by episode (never by frame), deterministically from the video ids.
 
-    At least one episode goes to validation when there are two or more.
+    Each game gives ``val_fraction`` of its episodes (rounded), so every game with enough
+    episodes is scored on held-out play; at least one episode goes to validation when there are
+    two or more.
     """
     def key(e: Episode) -> str:
         return hashlib.sha256(f"{seed}:{e.video_id}".encode()).hexdigest()
 
     ranked = sorted(episodes, key=key)
-    n_val = int(round(len(ranked) * val_fraction))
-    if val_fraction > 0 and len(ranked) >= 2:
-        n_val = max(1, n_val)
-    return ranked[n_val:], ranked[:n_val]
+    val: list[Episode] = []
+    for game in sorted({e.game for e in ranked}):
+        of_game = [e for e in ranked if e.game == game]
+        val += of_game[:int(round(len(of_game) * val_fraction))]
+    if not val and val_fraction > 0 and len(ranked) >= 2:
+        val = ranked[:1]
+    held_out = {e.video_id for e in val}
+    return [e for e in ranked if e.video_id not in held_out], [e for e in ranked if e.video_id in held_out]
+
+
+def decode_episode(episode: Episode, fps: float, size: tuple[int, int],
+                   max_frames: int | None = None) -> np.ndarray:
+    """An episode's frames at ``fps`` and ``size`` (the first ``max_frames``), cropped to the game
+    area and overlay-masked. (N, H, W, 3) uint8."""
+    frames = video.iter_frames(episode.video, fps=fps, size=size, crop=episode.crop(),
+                               start=episode.start_time, end=episode.end_time)
+    with contextlib.closing(frames):
+        stacked = np.stack([frame for _, frame in itertools.islice(frames, max_frames)])
+    return episode.apply_mask(stacked)
 
 
 class WindowDataset(Dataset):
@@ -88,11 +107,7 @@ class WindowDataset(Dataset):
         return len(self.windows)
 
     def _decode_episode(self, e: int) -> np.ndarray:
-        episode = self.episodes[e]
-        frames = [frame for _, frame in video.iter_frames(
-            episode.video, fps=self.spec.fps, size=self.spec.size, crop=episode.crop(),
-            start=episode.start_time, end=episode.end_time)]
-        return episode.apply_mask(np.stack(frames))  # (N, H, W, 3) uint8
+        return decode_episode(self.episodes[e], self.spec.fps, self.spec.size)
 
     def frames(self, e: int, start: int, num: int) -> np.ndarray:
         """(num, H, W, 3) uint8 frames start.. of episode e at the spec's fps."""

@@ -1,0 +1,164 @@
+"""Labeling throughput against its physical limit, and memory against video length.
+
+    python benchmarks/bench_label.py [--seconds 30] [--minutes 5 20 60] [--run IDM_RUN]
+
+1. Throughput, on the same files: decode + resize alone (``video.iter_frames`` at the IDM's fps
+   and size: what no labeler can beat) vs end-to-end ``label.label`` (decode, windows, IDM,
+   averaging, filters, writing), as frames per second and their ratio, for the IDM's CPU preset
+   (randomly initialised unless ``--run`` names a trained one: speed does not depend on the
+   weights). Two kinds of files: real Breakout play at its native 210x160, and the same play
+   pillarboxed into 1280x720 as walkthroughs on video sites are. The IDM alone (windows/s on
+   ready frames) is shown too: the labeler cannot beat that either.
+2. Memory: peak RSS of a fresh process labeling one video looped (by remuxing, no re-encoding)
+   to 5, 20 and 60 minutes, with a tiny IDM so that an hour takes about a minute. Flat means the
+   peak does not grow with the length beyond the per-step results (~100 bytes a step).
+
+Prints tables, then one ``JSON: {...}`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from walkthrough import games, idm, label, train, video
+
+
+def save_random_idm(run: Path, config: idm.IDMConfig) -> Path:
+    model = idm.IDM(config)
+    run.mkdir(parents=True)
+    train.save_checkpoint(run, model, None, torch.optim.AdamW(model.parameters()), train.TrainConfig(),
+                          step=0, train_seconds=0.0, model_type="idm")
+    return run
+
+
+def make_clips(root: Path, seconds: float) -> dict[str, list[Path]]:
+    """Two recordings of Breakout play at 210x160, and the same pillarboxed into 1280x720."""
+    games.record(root / "ale", ["Breakout"], player="random", episodes=2, fps=30, seed=7,
+                 max_seconds=seconds, progress=False)
+    native = sorted((root / "ale" / "videos").glob("*.mp4"))
+    (root / "720p").mkdir()
+    wide = []
+    for clip in native:
+        wide.append(root / "720p" / clip.name)
+        with video.VideoWriter(wide[-1], 30) as writer:
+            for _, frame in video.iter_frames(clip):
+                big = frame.repeat(3, 0).repeat(3, 1)  # 630 x 480
+                writer.write(np.pad(big, ((45, 45), (400, 400), (0, 0))))
+    return {"ale 210x160": native, "720p pillarboxed": wide}
+
+
+def decode_fps(files: list[Path], config: idm.IDMConfig) -> float:
+    began, frames = time.perf_counter(), 0
+    for file in files:
+        frames += sum(1 for _ in video.iter_frames(file, config.fps, config.size))
+    return frames / (time.perf_counter() - began)
+
+
+def label_fps(files: list[Path], run: Path, out: Path, config: label.LabelConfig) -> float:
+    summary = label.label(files, run, out, config, progress=False)
+    return summary["run"]["frames_per_second"]
+
+
+def model_windows_per_second(run: Path, bf16: bool, batch: int = 64, repeats: int = 5) -> float:
+    model = train.load_model(run)
+    T, (H, W) = model.config.frames, model.config.size
+    frames = torch.randint(0, 256, (batch, T, 3, H, W), dtype=torch.uint8)
+    best = 0.0
+    for _ in range(repeats):
+        began = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model.predict(frames)
+        best = max(best, batch / (time.perf_counter() - began))
+    return best
+
+
+def loop_video(source: Path, target: Path, minutes: float) -> None:
+    """``source`` repeated to ``minutes`` by copying its packets with shifted timestamps."""
+    duration = video.probe(source).duration
+    with av.open(str(target), "w") as dst:
+        out = None
+        for loop in range(int(np.ceil(minutes * 60 / duration))):
+            with av.open(str(source)) as src:
+                stream = src.streams.video[0]
+                out = out or dst.add_stream_from_template(stream)
+                shift = round(loop * duration / stream.time_base)
+                for packet in src.demux(stream):
+                    if packet.pts is None:  # the demuxer's final flush packet
+                        continue
+                    packet.pts, packet.dts, packet.stream = packet.pts + shift, packet.dts + shift, out
+                    dst.mux(packet)
+
+
+PEAK_RSS = """
+import json, resource, sys
+from pathlib import Path
+from walkthrough import label
+config = label.LabelConfig(min_confidence=0.0)
+summary = label.label([Path(sys.argv[1])], Path(sys.argv[2]), Path(sys.argv[3]), config, progress=False)
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "hours": summary["hours_in"], "fps": summary["run"]["frames_per_second"]}))
+"""
+
+
+def peak_rss(clip: Path, run: Path, out: Path) -> dict:
+    """Label ``clip`` in a fresh process; its peak RSS and labeling rate."""
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(clip), str(run), str(out)],
+                          check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30.0, help="Length of each throughput clip.")
+    parser.add_argument("--minutes", type=float, nargs="+", default=[5, 20, 60], help="Looped video lengths.")
+    parser.add_argument("--run", type=Path, help="A trained IDM run (default: a random CPU-preset IDM).")
+    args = parser.parse_args()
+    results: dict = {"throughput": [], "memory": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        run = args.run or save_random_idm(root / "idm-cpu", idm.preset("cpu"))
+        model_config = train.load_model(run).config
+        clips = make_clips(root, args.seconds)
+        settings = {"default (fp32, stride 1)": label.LabelConfig(min_confidence=0.0),
+                    "bf16, stride 2": label.LabelConfig(min_confidence=0.0, bf16=True, stride=2)}
+        for bf16 in (False, True):
+            results[f"idm_windows_per_s_{'bf16' if bf16 else 'fp32'}"] = model_windows_per_second(run, bf16)
+        print(f"IDM alone ({idm.describe(train.load_model(run))}): "
+              f"{results['idm_windows_per_s_fp32']:.0f} windows/s fp32, "
+              f"{results['idm_windows_per_s_bf16']:.0f} bf16")
+        print(f"{'files':<20} {'setting':<26} {'decode+resize fps':>18} {'label fps':>10} {'ratio':>7}")
+        for kind, files in clips.items():
+            for name, config in settings.items():
+                # Decode right before labeling, so that both see the same load on the machine.
+                decode = decode_fps(files, model_config)
+                end_to_end = label_fps(files, run, root / f"out-{len(results['throughput'])}", config)
+                row = {"files": kind, "setting": name, "decode_fps": decode, "label_fps": end_to_end,
+                       "ratio": end_to_end / decode}
+                results["throughput"].append(row)
+                print(f"{kind:<20} {name:<26} {decode:>18.0f} {end_to_end:>10.0f} {row['ratio']:>7.3f}")
+
+        tiny = save_random_idm(root / "idm-tiny", idm.IDMConfig(frames=4, size=(32, 32), channels=(8,),
+                                                                dim=16, depth=1, heads=2))
+        print(f"\n{'video':<10} {'peak RSS MB':>12} {'label fps':>10}")
+        for minutes in args.minutes:
+            looped = root / f"loop-{minutes:g}min.mp4"
+            loop_video(clips["ale 210x160"][0], looped, minutes)
+            row = {"minutes": minutes, **peak_rss(looped, tiny, root / f"mem-{minutes:g}")}
+            results["memory"].append(row)
+            looped.unlink()
+            print(f"{minutes:>6g} min {row['peak_rss_mb']:>12.0f} {row['fps']:>10.0f}")
+    print("JSON: " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,420 @@
+"""The `walkthrough` command line. Each subcommand is a thin shell over a library function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="Turn unlabeled gameplay video into training data for gaming agents.")
+console = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    """Exit non-zero with a one-line reason."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def record(
+    out: Path = typer.Option(..., "--out", help="Dataset directory (chunk store) to write into."),
+    game: str = typer.Option("Breakout", "--game", help="ALE game name(s), comma-separated, or a shortcut (see below)."),
+    player: str = typer.Option("expert", "--player", help="expert | random (persistent random)."),
+    episodes: int = typer.Option(4, "--episodes", min=1, help="Episodes per game."),
+    fps: float = typer.Option(30.0, "--fps", help="Recording frame rate (ALE runs at 60 Hz; must divide 60)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first episode; episode i uses seed + i."),
+    max_seconds: float = typer.Option(300.0, "--max-seconds", help="Cap on each episode's length."),
+    sticky: float = typer.Option(0.0, "--sticky", min=0.0, max=1.0, help="Probability of repeating the previous action (recorded as applied)."),
+) -> None:
+    """Record real Atari games with their true gamepad actions into a chunk store.
+
+    Example: `walkthrough record --game Breakout --player expert --episodes 4 --fps 30 --out DATA`
+    """
+    from walkthrough import games
+
+    try:
+        names = games.resolve_games(game)
+        games.record(out, names, player=player, episodes=episodes, fps=fps, seed=seed,
+                     max_seconds=max_seconds, sticky=sticky)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
+@app.command()
+def info(
+    data: list[Path] = typer.Argument(..., help="Chunk store(s): directories or NitroGen SHARD_XXXX.tar.gz files."),
+    videos: Optional[Path] = typer.Option(None, "--videos", help="Directory of the source videos (NitroGen: your downloads)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Summarise a dataset: episodes, hours, frames, games, button press rates, problems.
+
+    Example: `walkthrough info DATA`
+    """
+    import json
+
+    from rich.table import Table
+
+    from walkthrough.actions import ActionError
+    from walkthrough.chunks import ChunkStore, StoreError
+
+    try:
+        store = ChunkStore(list(data), videos=videos)
+        summary = store.summary()
+        problems = store.check()
+    except (StoreError, ActionError, OSError) as e:
+        fail(str(e))
+    summary["problems"] = problems
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    out = Console()
+    out.print(f"[bold]{', '.join(map(str, data))}[/]: {summary['episodes']} episodes, "
+              f"{summary['chunks']} chunks, {summary['hours']:.3f} h, {summary['action_rows']} action rows, "
+              f"{summary['active_share']:.0%} of rows with input, "
+              f"videos found for {summary['videos_found']}/{summary['episodes']}")
+    games = Table("game", "episodes", "minutes", title="Games")
+    for name, g in sorted(summary["games"].items()):
+        games.add_row(name, str(g["episodes"]), f"{g['seconds'] / 60:.1f}")
+    out.print(games)
+    usage = Table("input", "share of rows", title="Button presses and stick use (|axis| > 0.2)")
+    for name, rate in {**summary["press_rate"], **summary["stick_usage"]}.items():
+        if rate > 0:
+            usage.add_row(name, f"{rate:.1%}")
+    out.print(usage)
+    if problems:
+        out.print(f"[bold yellow]{len(problems)} problem(s):[/]")
+        for line in problems:
+            out.print(f"  - {line}", highlight=False)
+    else:
+        out.print("[green]no problems found[/]")
+
+
+@app.command("train-policy")
+def train_policy(
+    data: list[str] = typer.Option(..., "--data", help="Chunk store, as PATH or PATH:WEIGHT (its sampling share, default 1). Repeat to mix ground truth and pseudo-labels."),
+    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, metrics.jsonl)."),
+    preset: str = typer.Option("cpu", "--preset", help="cpu (2M params, SigLIP 2 from scratch at 64 px) | gpu (NitroGen-sized, 510M, 256 px) | test (smoke tests)."),
+    horizon: int = typer.Option(16, "--horizon", min=1, help="Actions per predicted chunk."),
+    context_frames: int = typer.Option(1, "--context-frames", min=1, help="Frames the policy sees, up to now."),
+    fps: float = typer.Option(30.0, "--fps", help="Frame and action rate (the recordings' rate)."),
+    sample_steps: int = typer.Option(16, "--sample-steps", min=1, help="Euler steps when sampling (validation and play default)."),
+    vision_pretrained: Optional[Path] = typer.Option(None, "--vision-pretrained", help="Local directory of a SigLIP 2 saved with save_pretrained."),
+    freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Keep the vision encoder's weights fixed."),
+    game_dropout: float = typer.Option(0.1, "--game-dropout", min=0.0, max=1.0, help="Probability of hiding the game id (trains the CFG unconditional)."),
+    no_confidence_weighting: bool = typer.Option(False, "--no-confidence-weighting", help="Weight pseudo-label steps 1 instead of by their confidence."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", min=0.0, max=0.9, help="Share of ground-truth episodes held out."),
+    steps: int = typer.Option(2000, "--steps", min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    lr: float = typer.Option(5e-4, "--lr"),
+    warmup_steps: int = typer.Option(100, "--warmup-steps", min=0),
+    schedule: str = typer.Option("wsd", "--schedule", help="wsd | cosine"),
+    ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=1.0, help="0 disables EMA."),
+    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Colour jitter and small shifts."),
+    eval_every: int = typer.Option(500, "--eval-every", min=1),
+    ckpt_every: int = typer.Option(500, "--ckpt-every", min=1),
+    log_every: int = typer.Option(50, "--log-every", min=1),
+    num_workers: int = typer.Option(1, "--num-workers", min=0),
+    seed: int = typer.Option(0, "--seed"),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Stop after this much training time (the schedule follows it)."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Checkpoint and stop this session after this long; --resume continues."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+) -> None:
+    """Train the vision-action policy (SigLIP 2 + DiT flow matching) on ground truth and pseudo-labels.
+
+    Example: `walkthrough train-policy --data DATA --data LABELS:0.5 --out RUN --steps 3000`
+    """
+    from walkthrough import policy
+    from walkthrough.train import TrainConfig
+    from walkthrough.video import VideoError
+
+    try:
+        if preset not in policy.PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(policy.PRESETS)}")
+        config = policy.PolicyConfig(**policy.PRESETS[preset], horizon=horizon, context_frames=context_frames,
+                                     fps=fps, sample_steps=sample_steps, freeze_vision=freeze_vision,
+                                     game_dropout=game_dropout)
+        train_cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                                schedule=schedule, ema_decay=ema_decay, bf16=bf16, augment=augment,
+                                eval_every=eval_every, ckpt_every=ckpt_every, log_every=log_every,
+                                num_workers=num_workers, seed=seed, budget_minutes=budget_minutes,
+                                max_minutes=max_minutes)
+        sources = [policy.Source.parse(d) for d in data]
+        policy.train_policy(sources, out, config, train_cfg, val_fraction=val_fraction,
+                            use_confidence=not no_confidence_weighting,
+                            vision_pretrained=vision_pretrained, resume=resume)
+    except (ValueError, OSError, VideoError) as e:
+        fail(str(e))
+
+
+@app.command()
+def play(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Policy run directory (from train-policy)."),
+    game: str = typer.Option("Breakout", "--game", help="ALE game name."),
+    episodes: int = typer.Option(10, "--episodes", min=1),
+    out: Path = typer.Option(..., "--out", help="Directory for scores.json and the videos."),
+    replan_every: int = typer.Option(8, "--replan-every", min=1, help="Steps executed from each chunk before re-planning."),
+    sample_steps: Optional[int] = typer.Option(None, "--sample-steps", min=1, help="Euler steps per chunk (default: the run's)."),
+    cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance on the game id (1 = off)."),
+    seed: int = typer.Option(0, "--seed", help="Episode i uses seed + i."),
+    max_seconds: float = typer.Option(300.0, "--max-seconds", help="Cap on each episode's length (game time)."),
+    sticky: float = typer.Option(0.0, "--sticky", min=0.0, max=1.0, help="Probability of repeating the previous action."),
+    videos: int = typer.Option(1, "--videos", min=0, help="How many of the first episodes to save as mp4."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights when the run has them."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads; one chunk for one frame is too small to split, so 1 is fastest."),
+) -> None:
+    """Play an Atari game closed-loop from pixels with a trained policy; write scores and videos.
+
+    Example: `walkthrough play --ckpt RUN --game Breakout --episodes 10 --out PLAY`
+    """
+    import torch
+
+    from walkthrough import games
+    from walkthrough.play import play as play_games
+    from walkthrough.train import load_model
+    from walkthrough.video import VideoError
+
+    torch.set_num_threads(threads)
+    try:
+        name = games.resolve_games(game)
+        if len(name) != 1:
+            raise ValueError(f"play one game at a time, got {', '.join(name)}")
+        result = play_games(load_model(ckpt, ema=ema), name[0], episodes, out, replan_every=replan_every,
+                            sample_steps=sample_steps, cfg_scale=cfg_scale, seed=seed, max_seconds=max_seconds,
+                            sticky=sticky, videos=videos)
+    except (ValueError, OSError, VideoError) as e:
+        fail(str(e))
+    console.print(f"[bold]{result['game']}[/]: {result['mean']:g} +- {result['std']:g} over {episodes} episodes "
+                  f"({result['chunk_latency_ms']:.1f} ms per chunk) -> {out / 'scores.json'}")
+
+
+@app.command("eval-policy")
+def eval_policy(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Policy run directory."),
+    data: list[Path] = typer.Option(..., "--data", help="Chunk store(s) with true actions."),
+    all_episodes: bool = typer.Option(False, "--all-episodes", help="Grade every episode, not only those the run held out."),
+    max_windows: int = typer.Option(512, "--max-windows", min=1, help="Windows graded, spread evenly."),
+    sample_steps: Optional[int] = typer.Option(None, "--sample-steps", min=1),
+    cfg_scale: float = typer.Option(1.0, "--cfg-scale"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics here as JSON (else stdout)."),
+) -> None:
+    """Grade a policy offline: per-button F1 and stick error of the first action and the whole chunk.
+
+    Example: `walkthrough eval-policy --ckpt RUN --data DATA`
+    """
+    import json
+
+    from walkthrough.chunks import write_json_atomic
+    from walkthrough.play import evaluate_run
+    from walkthrough.video import VideoError
+
+    try:
+        result = evaluate_run(ckpt, data, all_episodes, max_windows=max_windows, sample_steps=sample_steps,
+                              cfg_scale=cfg_scale)
+    except (ValueError, OSError, VideoError) as e:
+        fail(str(e))
+    if out is None:
+        print(json.dumps(result, indent=2))
+    else:
+        write_json_atomic(out, result)
+    console.print(f"first action: button F1 {result['first']['button_f1']:.3f}, stick MAE "
+                  f"{result['first']['stick_mae']:.3f};  chunk: button F1 {result['chunk']['button_f1']:.3f}, "
+                  f"stick MAE {result['chunk']['stick_mae']:.3f}  ({result['windows']} windows)")
+
+
+@app.command()
+def label(
+    inputs: list[Path] = typer.Argument(..., help="Video files and/or directories (searched recursively)."),
+    ckpt: Path = typer.Option(..., "--ckpt", help="IDM run directory (from train-idm)."),
+    out: Path = typer.Option(..., "--out", help="Output chunk store of pseudo-labels (a rerun resumes it)."),
+    min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="Confidence threshold [default: the one eval-idm calibrated]."),
+    low_confidence_seconds: Optional[float] = typer.Option(None, "--low-confidence-seconds", help="Drop low-confidence stretches at least this long [default: 0, every step]."),
+    idle_seconds: Optional[float] = typer.Option(None, "--idle-seconds", help="Drop stretches with no predicted input this long [default: 3]."),
+    static_motion: Optional[float] = typer.Option(None, "--static-motion", help="Share of changing pixels below which a step is static [default: 0.001]."),
+    static_seconds: Optional[float] = typer.Option(None, "--static-seconds", help="Drop static stretches this long [default: 1]."),
+    dark_brightness: Optional[float] = typer.Option(None, "--dark-brightness", help="Mean pixel value (0-255) below which a frame is near-black [default: 20]."),
+    dark_seconds: Optional[float] = typer.Option(None, "--dark-seconds", help="Drop near-black stretches this long [default: 0.5]."),
+    min_active_share: Optional[float] = typer.Option(None, "--min-active-share", help="Drop chunks with input in fewer of their steps (NitroGen) [default: 0.5]."),
+    min_segment_seconds: Optional[float] = typer.Option(None, "--min-segment-seconds", help="Drop kept stretches shorter than this [default: 1]."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Frames between window starts [default: the IDM's, ~(T-1)/2]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per IDM call [default: 64]."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast for the IDM (GPUs, CPUs with AMX)."),
+    crop_letterbox: bool = typer.Option(True, "--crop-letterbox/--no-crop-letterbox", help="Feed the IDM the picture inside black bars."),
+    game: Optional[str] = typer.Option(None, "--game", help="Game name for the metadata [default: other]."),
+    backend: str = typer.Option("local", "--backend", help="local | ray (Ray Data; `pip install walkthrough[ray]`)."),
+    shard: str = typer.Option("0/1", "--shard", help="i/N: label the i-th of N deterministic slices of the inputs (array jobs)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Device of the local backend's IDM [default: cpu]."),
+    ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help="IDM replicas in Ray's actor pool [default: 1]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Pseudo-label gameplay videos with an IDM, filter them, write a chunk store.
+
+    Example: `walkthrough label --ckpt runs/idm VIDEOS/ --out LABELS`
+    """
+    import json
+
+    from rich.table import Table
+
+    from walkthrough import label as L
+
+    given = dict(min_confidence=min_confidence, low_confidence_seconds=low_confidence_seconds,
+                 idle_seconds=idle_seconds, static_motion=static_motion, static_seconds=static_seconds,
+                 dark_brightness=dark_brightness, dark_seconds=dark_seconds, min_active_share=min_active_share,
+                 min_segment_seconds=min_segment_seconds, stride=stride, batch_size=batch_size, game=game,
+                 device=device, ray_actors=ray_actors)
+    try:
+        config = L.LabelConfig(**{k: v for k, v in given.items() if v is not None}, bf16=bf16,
+                               crop_letterbox=crop_letterbox, backend=backend, shard=shard)
+        summary = L.label(list(inputs), ckpt, out, config, progress=not as_json)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    run = summary["run"]
+    table = Table("", "hours", "share", title=f"Pseudo-labels in {out}")
+    hours_in = summary["hours_in"] or float("nan")
+    table.add_row("in", f"{summary['hours_in']:.3f}", "100%")
+    table.add_row("[green]kept", f"{summary['hours_kept']:.3f}", f"{summary['hours_kept'] / hours_in:.0%}")
+    for reason, hours in summary["dropped_hours"].items():
+        table.add_row(f"dropped: {reason}", f"{hours:.3f}", f"{hours / hours_in:.0%}")
+    console_out = Console()
+    console_out.print(table)
+    console_out.print(f"{summary['videos_labeled']} videos labeled, {summary['videos_failed']} failed, "
+                      f"{summary['input_problems']} input problems (see {out / 'failures.jsonl'}); "
+                      f"{summary['segments']} segments in {summary['chunks']} chunks; mean confidence "
+                      f"{summary['mean_confidence_kept']:.3f} kept, {summary['mean_confidence']:.3f} all "
+                      f"(threshold {summary['confidence_threshold']:.3g})", highlight=False)
+    console_out.print(f"this run: {run['labeled_now']} videos labeled, {run['skipped_done']} already done, "
+                      f"{run['frames_decoded']} frames at {run['frames_per_second']:.0f} frames/s", highlight=False)
+
+
+@app.command("train-idm")
+def train_idm(
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="Chunk store with true actions; repeat to train on several. Optional with --resume."),
+    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, metrics.jsonl)."),
+    preset: str = typer.Option("cpu", "--preset", help="cpu (0.8M params, 64 px) | gpu (25M params, 128 px)."),
+    frames: int = typer.Option(4, "--frames", min=2, help="T: frames per window; the T-1 actions between them are predicted."),
+    size: Optional[int] = typer.Option(None, "--size", min=8, help="Input height = width in pixels (default: the preset's)."),
+    fps: float = typer.Option(30.0, "--fps", help="Frame rate the IDM sees (the recordings' rate)."),
+    pos_weight: float = typer.Option(1.0, "--pos-weight", min=0.0, help="Weight of pressed buttons in the loss (>1 trades calibration for recall)."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", min=0.0, max=0.9, help="Share of episodes held out (by episode, never by frame)."),
+    steps: int = typer.Option(2000, "--steps", min=1, help="Optimizer steps (the schedule's length)."),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="End after this much training time instead (the schedule follows it)."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Checkpoint and stop this session after this long; --resume continues."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Global batch (split over DDP ranks)."),
+    lr: float = typer.Option(1e-3, "--lr"),
+    warmup_steps: int = typer.Option(100, "--warmup-steps", min=0),
+    schedule: str = typer.Option("wsd", "--schedule", help="wsd | cosine"),
+    ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=1.0, help="0 disables EMA."),
+    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast (CPU too)."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Colour jitter and small shifts, the same for a whole window."),
+    preload: Optional[bool] = typer.Option(None, "--preload/--stream", help="Decode all frames into RAM once, or windows on demand (default: preload when it fits in 1/4 of RAM)."),
+    eval_every: int = typer.Option(500, "--eval-every", min=1),
+    ckpt_every: int = typer.Option(500, "--ckpt-every", min=1),
+    log_every: int = typer.Option(50, "--log-every", min=1),
+    num_workers: int = typer.Option(1, "--num-workers", min=0, help="Data loader worker processes."),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (its saved settings; --max-minutes and --num-workers may change)."),
+) -> None:
+    """Train the inverse dynamics model on recordings with true actions. `torchrun --nproc_per_node N` runs the same command on N GPUs (or CPU processes).
+
+    Example: `walkthrough train-idm --data DATA --out RUN --budget-minutes 10`
+    """
+    from walkthrough import idm
+    from walkthrough.train import TrainConfig
+    from walkthrough.video import VideoError
+
+    try:
+        overrides = dict(frames=frames, fps=fps, button_pos_weight=pos_weight)
+        if size is not None:
+            overrides["size"] = (size, size)
+        model_cfg = idm.preset(preset, **overrides)
+        train_cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                                schedule=schedule, ema_decay=ema_decay, bf16=bf16, augment=augment,
+                                eval_every=eval_every, ckpt_every=ckpt_every, log_every=log_every,
+                                num_workers=num_workers, seed=seed, budget_minutes=budget_minutes,
+                                max_minutes=max_minutes)
+        idm.train_idm(data, out, model_cfg, train_cfg, val_fraction=val_fraction, resume=resume, preload=preload)
+    except (ValueError, OSError, VideoError) as e:
+        fail(str(e))
+
+
+@app.command("eval-idm")
+def eval_idm(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory written by train-idm."),
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="Chunk store(s) with true actions (default: the run's training data)."),
+    out: Path = typer.Option(..., "--out", help="Directory for report.json and the plots."),
+    split: str = typer.Option("val", "--split", help="val: the run's held-out episodes | all: every episode (e.g. unseen games)."),
+    target_precision: float = typer.Option(0.95, "--target-precision", min=0.0, max=1.0, help="Precision the confidence threshold must reach."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Write the threshold to RUN/calibration.json for the labeler."),
+    raw: bool = typer.Option(False, "--raw", help="Evaluate the raw weights instead of the EMA."),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Evaluate only the first seconds of each episode."),
+) -> None:
+    """Evaluate an IDM against the repeat-previous and always-idle baselines, calibrate its confidence, plot.
+
+    Example: `walkthrough eval-idm --ckpt RUN --data DATA --out EVAL`
+    """
+    from rich.table import Table
+
+    from walkthrough import evaluate
+    from walkthrough.train import read_run_config
+    from walkthrough.video import VideoError
+
+    try:
+        sources = data or [Path(s) for s in read_run_config(ckpt)["data"].get("sources", [])]
+        if not sources:
+            raise ValueError("no data: pass --data DATA")
+        report = evaluate.evaluate_run(ckpt, sources, out, split=split, target_precision=target_precision,
+                                       ema=not raw, max_seconds=max_seconds, calibrate=calibrate)
+    except (ValueError, OSError, VideoError) as e:
+        fail(str(e))
+    table = Table(title=f"IDM step {report['step']} on {len(report['episodes'])} episodes ({split})")
+    table.add_column("game")
+    table.add_column("steps", justify="right")
+    for name in evaluate.PREDICTORS:
+        table.add_column(f"{name}\nevent F1 / step acc", justify="right")
+    games = {**report["per_game"], "all": {"steps": report["steps"], **report["overall"]}}
+    for game, scores in games.items():
+        table.add_row(game, str(scores["steps"]), *(f"{scores[p]['event_f1']:.3f} / {scores[p]['step_accuracy']:.3f}"
+                                                   for p in evaluate.PREDICTORS))
+    Console().print(table)
+    sel = report["selective"]
+    threshold = "none reaches it" if sel["threshold"] is None else (
+        f"{sel['threshold']:.4f} keeps {sel['coverage']:.1%} of steps at precision {sel['precision']:.3f}")
+    console.print(f"confidence threshold for precision {target_precision:g}: {threshold}; "
+                  f"report in {out / 'report.json'}", highlight=False)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("DEMO"), "--out", help="Directory for every stage's outputs and the report."),
+    quick: bool = typer.Option(False, "--quick", help="The same stages on tiny budgets (a couple of minutes): a smoke test, not a result."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every stage."),
+) -> None:
+    """Run the whole pipeline on real Atari games and write DEMO/report.html and report.md.
+
+    Records labeled play and "walkthroughs" (actions hidden), trains and calibrates an IDM,
+    pseudo-labels the walkthroughs, trains labeled-only / labeled+pseudo / oracle policies on the
+    same budget and plays them. About 25 minutes on 2 CPU cores; every stage's command is in the
+    report so any stage can be rerun alone.
+
+    Example: `walkthrough demo --out DEMO` (or `walkthrough demo --quick --out /tmp/demo`)
+    """
+    from walkthrough.demo import DemoConfig, run_demo
+
+    config = DemoConfig.quick() if quick else DemoConfig()
+    config.seed = seed
+    try:
+        run_demo(out, config)
+    except (ValueError, OSError, RuntimeError) as e:
+        fail(str(e))
+    console.print(f"report: {out / 'report.html'} and {out / 'report.md'}")
+
+
+def main() -> None:
+    app()

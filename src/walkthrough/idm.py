@@ -1,0 +1,428 @@
+"""The inverse dynamics model (IDM): a window of T frames -> the action at each of its T - 1 transitions.
+
+After VPT's IDM (a space-time conv stem, an IMPALA ResNet per frame, a non-causal transformer):
+
+    frames (B, T, 3, H, W) uint8
+      -> each frame stacked with its two neighbours and a 3x3 conv: a 3x3x3 space-time conv,
+         so motion is visible from the first layer                              (B*T, C0, H, W)
+      -> IMPALA stages (conv, max-pool /2, two residual blocks), flatten, linear  (B, T, D)
+      -> non-causal transformer over the T frame tokens                           (B, T, D)
+      -> transition j reads [h_j, h_j+1]: 17 button logits + 4 x 11 stick-bin logits
+
+Buttons are independent sigmoids; each stick axis is an 11-way categorical over bins centred at
+-1, -0.8, ..., 1, so every head states a probability. The training loss is the negative
+log-likelihood of the true action, summed over the 21 heads.
+
+Inference for the labeler: ``IDM.predict`` on windows, ``IDM.label`` over a whole clip (overlapping
+windows, probabilities averaged where they overlap), ``decode`` to (N, 21) actions and
+``confidence`` per step (defined there). ``load_calibration`` reads the confidence threshold
+that ``walkthrough eval-idm`` picked for a target precision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from walkthrough import actions as A
+from walkthrough.chunks import ChunkStore, Episode, StoreError
+from walkthrough.dataset import WindowDataset, WindowSpec, action_stats, decode_episode, split_episodes
+from walkthrough.metrics import STICK_BINS, STICK_CENTRES, summarize
+from walkthrough.train import (CONFIG_FILE, TrainConfig, console, read_run_config, register, resumed_config,
+                              train)
+
+
+# --- 1. Config ------------------------------------------------------------------------------------
+@dataclass
+class IDMConfig:
+    # what the model sees: a labeler resamples video to this rate and size
+    frames: int = 4  # T, the window; T - 1 actions are predicted (T = 4 won the ablation in docs/idm.md)
+    size: tuple[int, int] = (64, 64)  # (H, W) input pixels
+    fps: float = 30.0
+    # per-frame encoder: an IMPALA ResNet, one stage per entry (each halves the resolution)
+    channels: tuple[int, ...] = (16, 32, 32)
+    # transformer over the window
+    dim: int = 128
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    # output
+    button_pos_weight: float = 1.0  # > 1 up-weights presses (recall up, calibration off)
+
+    def __post_init__(self) -> None:
+        self.size = tuple(int(s) for s in self.size)
+        self.channels = tuple(int(c) for c in self.channels)
+        if self.frames < 2:
+            raise ValueError(f"an IDM needs at least 2 frames per window, got {self.frames}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "IDMConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # ~0.5M parameters: ~1,000 windows/s of training on 2 CPU cores.
+    "cpu": dict(size=(64, 64), channels=(16, 32, 32), dim=128, depth=2, heads=4),
+    # ~25M parameters for a GPU node: 128 px, a wide 4-stage ResNet, 6 transformer layers.
+    "gpu": dict(size=(128, 128), channels=(64, 128, 128, 128), dim=512, depth=6, heads=8),
+}
+
+
+def preset(name: str, **overrides) -> IDMConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return IDMConfig(**{**PRESETS[name], **overrides})
+
+
+# --- 2. Model ---------------------------------------------------------------------------------------
+def with_neighbours(frames: Tensor) -> Tensor:
+    """Stack each frame with the previous and next one along channels (zeros past the ends).
+
+    (B, T, C, H, W) -> (B, T, 3C, H, W). A 2D conv over this equals a 3D conv with temporal
+    kernel 3 and padding 1, and runs much faster on CPUs.
+    """
+    padded = F.pad(frames, (0, 0, 0, 0, 0, 0, 1, 1))  # (B, T+2, C, H, W)
+    return torch.cat([padded[:, :-2], padded[:, 1:-1], padded[:, 2:]], dim=2)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv0 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv1(F.relu(self.conv0(F.relu(x))))
+
+
+class ImpalaStage(nn.Module):
+    """IMPALA's stage: conv, 3x3 max-pool with stride 2, two residual blocks."""
+
+    def __init__(self, in_channels: int, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.blocks = nn.Sequential(ResidualBlock(channels), ResidualBlock(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.pool(self.conv(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; attention is non-causal (every frame sees the whole window)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, D/heads)
+        x = x + self.proj(attn.transpose(1, 2).reshape(B, T, D))
+        return x + self.mlp(self.norm2(x))
+
+
+class IDM(nn.Module):
+    def __init__(self, config: IDMConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        in_channels, stages = 9, []  # RGB of the frame and of its two neighbours
+        for channels in c.channels:
+            stages.append(ImpalaStage(in_channels, channels))
+            in_channels = channels
+        self.encoder = nn.Sequential(*stages)
+        h, w = c.size
+        for _ in c.channels:
+            h, w = (h + 1) // 2, (w + 1) // 2  # each max-pool halves, rounding up
+        self.embed = nn.Linear(in_channels * h * w, c.dim)
+        self.pos = nn.Parameter(torch.zeros(1, c.frames, c.dim))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.ModuleList(Block(c.dim, c.heads, c.mlp_ratio) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.dim)
+        self.head = nn.Sequential(nn.Linear(2 * c.dim, c.dim), nn.GELU(),
+                                  nn.Linear(c.dim, A.NUM_BUTTONS + A.NUM_AXES * STICK_BINS))
+
+    def forward(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """frames (B, T, 3, H, W) uint8 -> button logits (B, T-1, 17), stick logits (B, T-1, 4, 11)."""
+        B, T, _, H, W = frames.shape
+        if T != self.config.frames or (H, W) != self.config.size:
+            raise ValueError(f"IDM expects windows of {self.config.frames} frames of {self.config.size}, "
+                             f"got {T} of {(H, W)}")
+        x = frames.contiguous().float() / 255.0 - 0.5  # channels-last input is ~10x slower on CPU
+        x = with_neighbours(x).flatten(0, 1)  # (B*T, 9, H, W)
+        x = F.relu(self.encoder(x)).flatten(1)  # (B*T, C*h*w)
+        x = self.embed(x).view(B, T, -1) + self.pos  # (B, T, D)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        pairs = torch.cat([x[:, :-1], x[:, 1:]], dim=-1)  # (B, T-1, 2D): the frames around each transition
+        out = self.head(pairs).float()  # (B, T-1, 17 + 44)
+        buttons = out[..., :A.NUM_BUTTONS]
+        sticks = out[..., A.NUM_BUTTONS:].unflatten(-1, (A.NUM_AXES, STICK_BINS))
+        return buttons, sticks
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """NLL of the true actions (summed over heads), averaged over labelled steps.
+
+        Each step counts with its ``weight`` (a pseudo-label's confidence, else 1) and not at all
+        where ``action_mask`` says no label covers it.
+        """
+        button_logits, stick_logits = self(batch["frames"])
+        actions = batch["actions"]  # (B, T-1, 21)
+        weight = batch["action_mask"].float() * batch["weight"]  # (B, T-1)
+        labelled = batch["action_mask"].sum().clamp(min=1)
+        pressed = actions[..., :A.NUM_BUTTONS]
+        pos_weight = torch.tensor(self.config.button_pos_weight, device=actions.device)
+        button_nll = F.binary_cross_entropy_with_logits(
+            button_logits, pressed, pos_weight=pos_weight, reduction="none").sum(-1)  # (B, T-1)
+        bins = stick_targets(actions[..., A.NUM_BUTTONS:])  # (B, T-1, 4)
+        stick_nll = F.cross_entropy(stick_logits.flatten(0, -2), bins.flatten(), reduction="none")
+        stick_nll = stick_nll.view(bins.shape).sum(-1)  # (B, T-1)
+        button_loss = (button_nll * weight).sum() / labelled
+        stick_loss = (stick_nll * weight).sum() / labelled
+        loss = button_loss + stick_loss
+        with torch.no_grad():
+            mask = batch["action_mask"]
+            right = ((button_logits > 0) == (pressed > 0.5)).all(-1) & (stick_logits.argmax(-1) == bins).all(-1)
+            step_accuracy = (right & mask).sum() / labelled
+        return loss, {"loss": loss.item(), "button_nll": button_loss.item(), "stick_nll": stick_loss.item(),
+                      "step_accuracy": step_accuracy.item()}
+
+    # -- inference --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, frames: Tensor) -> dict[str, Tensor]:
+        """frames (B, T, 3, H, W) uint8 -> per transition (B, T-1, ...):
+
+        ``button_prob`` (.., 17), ``stick_logits`` and ``stick_prob`` (.., 4, 11),
+        ``actions`` (.., 21) decoded, ``confidence`` (..,) as defined in ``confidence``.
+        """
+        device = next(self.parameters()).device
+        button_logits, stick_logits = self(frames.to(device))
+        button_prob, stick_prob = torch.sigmoid(button_logits), stick_logits.softmax(-1)
+        return {"button_prob": button_prob, "stick_logits": stick_logits, "stick_prob": stick_prob,
+                "actions": decode(button_prob, stick_prob), "confidence": confidence(button_prob, stick_prob)}
+
+    @torch.no_grad()
+    def label(self, frames: Tensor, stride: int | None = None, batch_size: int = 64) -> dict[str, Tensor]:
+        """Actions for every transition of a clip: frames (N, 3, H, W) uint8 -> (N-1, ...) as ``predict``.
+
+        Windows of T frames start every ``stride`` frames (default ~T/2, so most transitions are
+        seen twice, in different contexts); where windows overlap their probabilities are
+        averaged. A clip shorter than a window is padded by repeating its last frame. Memory is
+        O(N): label a long video in blocks that overlap by T - 1 frames.
+        """
+        T, n = self.config.frames, len(frames)
+        if n < 2:
+            raise ValueError(f"need at least 2 frames to label a transition, got {n}")
+        stride = stride or max(1, (T - 1) // 2)
+        if n < T:
+            frames = torch.cat([frames, frames[-1:].expand(T - n, *frames.shape[1:])])
+        starts = list(range(0, len(frames) - T + 1, stride))
+        if starts[-1] != len(frames) - T:
+            starts.append(len(frames) - T)  # the last window ends on the last frame
+        button_sum = torch.zeros(len(frames) - 1, A.NUM_BUTTONS)
+        stick_sum = torch.zeros(len(frames) - 1, A.NUM_AXES, STICK_BINS)
+        count = torch.zeros(len(frames) - 1, 1)
+        for i in range(0, len(starts), batch_size):
+            batch_starts = starts[i:i + batch_size]
+            windows = torch.stack([frames[s:s + T] for s in batch_starts])  # (b, T, 3, H, W)
+            out = self.predict(windows)
+            for j, s in enumerate(batch_starts):
+                button_sum[s:s + T - 1] += out["button_prob"][j].cpu()
+                stick_sum[s:s + T - 1] += out["stick_prob"][j].cpu()
+                count[s:s + T - 1] += 1
+        button_prob = (button_sum / count)[:n - 1]
+        stick_prob = (stick_sum / count[..., None])[:n - 1]
+        return {"button_prob": button_prob, "stick_prob": stick_prob,
+                "actions": decode(button_prob, stick_prob), "confidence": confidence(button_prob, stick_prob)}
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(model: IDM) -> str:
+    """One line for logs: 'IDM T=4 64x64 @30fps, 0.80M params'."""
+    c = model.config
+    return f"IDM T={c.frames} {c.size[0]}x{c.size[1]} @{c.fps:g}fps, {parameter_count(model) / 1e6:.2f}M params"
+
+
+# --- 3. Between actions and the heads ------------------------------------------------------------------
+def stick_targets(values: Tensor) -> Tensor:
+    """Stick values in [-1, 1] -> index of the nearest bin centre (as ``metrics.stick_bin``)."""
+    return ((values + 1) / 2 * (STICK_BINS - 1)).round().clamp(0, STICK_BINS - 1).long()
+
+
+def decode(button_prob: Tensor, stick_prob: Tensor) -> Tensor:
+    """(..., 17) and (..., 4, 11) probabilities -> (..., 21) actions: buttons pressed above 0.5,
+    each stick axis at the centre of its most likely bin."""
+    centres = torch.as_tensor(STICK_CENTRES, dtype=torch.float32, device=stick_prob.device)
+    return torch.cat([(button_prob > 0.5).float(), centres[stick_prob.argmax(-1)]], dim=-1)
+
+
+def confidence(button_prob: Tensor, stick_prob: Tensor) -> Tensor:
+    """Per-step confidence: the model's probability that the decoded action is right in every head.
+
+    The product, over the 17 buttons of max(p, 1 - p) and over the 4 stick axes of the top bin's
+    probability (heads taken as independent). It is in (0, 1] and is what ``metrics.step_correct``
+    checks, so ECE and the precision-vs-coverage threshold grade exactly this number.
+    """
+    buttons = torch.maximum(button_prob, 1 - button_prob).log().sum(-1)
+    sticks = stick_prob.max(-1).values.log().sum(-1)
+    return (buttons + sticks).exp()
+
+
+# --- 4. Calibration written by eval-idm ---------------------------------------------------------------
+CALIBRATION_FILE = "calibration.json"
+
+
+def load_calibration(run_dir: Path) -> dict | None:
+    """The calibration ``walkthrough eval-idm`` wrote for a run (None before any eval):
+    ``confidence_threshold`` (keep steps with confidence >= it), ``target_precision``, the
+    ``coverage`` and ``precision`` it reached on held-out data, and the checkpoint ``step`` it graded."""
+    file = Path(run_dir) / CALIBRATION_FILE
+    return json.loads(file.read_text()) if file.exists() else None
+
+
+# --- 5. Labelling stored episodes (evaluation) -----------------------------------------------------------
+@dataclass
+class Labelled:
+    """The labelled transitions of one or more episodes: IDM predictions beside the truth.
+
+    Steps without a true label are dropped; ``segment`` numbers the contiguous stretches left
+    (what ``metrics`` needs to tell where "the previous step" exists).
+    """
+    game: np.ndarray  # (n,) str
+    pred: np.ndarray  # (n, 21)
+    confidence: np.ndarray  # (n,)
+    true: np.ndarray  # (n, 21)
+    segment: np.ndarray  # (n,) int
+
+    @staticmethod
+    def concat(parts: list["Labelled"]) -> "Labelled":
+        segments, offset = [], 0
+        for part in parts:  # renumber so that no two episodes share a segment
+            segments.append(part.segment + offset)
+            offset += int(part.segment.max()) + 1 if len(part.segment) else 0
+        return Labelled(*(np.concatenate([getattr(p, name) for p in parts])
+                          for name in ("game", "pred", "confidence", "true")), np.concatenate(segments))
+
+    def where(self, keep: np.ndarray) -> "Labelled":
+        return Labelled(*(getattr(self, f.name)[keep] for f in fields(Labelled)))
+
+
+def label_episode(model: IDM, episode: Episode, frames: np.ndarray | None = None,
+                  max_seconds: float | None = None) -> Labelled:
+    """Run the IDM over a stored episode (decoded at its fps and size unless ``frames`` are given)
+    and pair every transition with the true action of that step."""
+    c = model.config
+    if frames is None:
+        max_frames = int(max_seconds * c.fps) + 1 if max_seconds else None
+        frames = decode_episode(episode, c.fps, c.size, max_frames)  # (N, H, W, 3)
+    out = model.label(torch.from_numpy(frames).permute(0, 3, 1, 2))
+    times = episode.start_time + np.arange(len(frames) - 1) / c.fps
+    true, valid = episode.actions_at(times, 1.0 / c.fps)
+    segment = np.cumsum(~valid)  # a new stretch after every unlabelled step
+    return Labelled(np.full(len(true), episode.game), out["actions"].numpy(), out["confidence"].numpy(),
+                    true, segment).where(valid)
+
+
+def validation_metrics(episodes: list[Episode], config: IDMConfig,
+                       max_seconds: float = 60.0) -> Callable[[IDM], dict[str, float]]:
+    """The training loop's ``evaluate``: headline metrics on the first ``max_seconds`` of each
+    held-out episode (decoded once, here)."""
+    frames = [decode_episode(e, config.fps, config.size, int(max_seconds * config.fps) + 1) for e in episodes]
+
+    def evaluate(model: IDM) -> dict[str, float]:
+        rows = Labelled.concat([label_episode(model, e, f) for e, f in zip(episodes, frames)])
+        scores = summarize(rows.pred, rows.true, rows.segment, rows.confidence)
+        return {k: scores[k] for k in ("event_f1", "button_f1", "step_accuracy", "ece")}
+
+    return evaluate
+
+
+# --- 6. Training entry point (`walkthrough train-idm`) ------------------------------------------------------
+def preload_fits(episodes: list[Episode], config: IDMConfig, share_of_ram: float = 0.25) -> bool:
+    """Do all decoded frames fit in ``share_of_ram`` of this machine's memory?"""
+    frames = sum(e.duration for e in episodes) * config.fps
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return frames * config.size[0] * config.size[1] * 3 < share_of_ram * ram
+
+
+def train_idm(sources: list[Path] | None, out: Path, model_cfg: IDMConfig | None = None,
+              train_cfg: TrainConfig | None = None, val_fraction: float = 0.1, resume: bool = False,
+              preload: bool | None = None) -> Path:
+    """Train an IDM on chunk stores; held-out episodes (``val_fraction``, by episode) validate it.
+
+    ``resume=True`` continues the run in ``out``: its saved model, data split and training
+    settings win, except the few that may change (``train.RESUMABLE_CHANGES``: session limit,
+    workers, logging), taken from ``train_cfg``; ``sources`` default to the run's. ``preload``
+    decodes every frame into RAM once (default: when it fits in a quarter of it); otherwise
+    windows are decoded on demand in the loader's workers.
+    """
+    out = Path(out)
+    model_cfg, train_cfg = model_cfg or IDMConfig(), train_cfg or TrainConfig()
+    if resume and (out / CONFIG_FILE).exists():
+        saved = read_run_config(out)
+        model_cfg = IDMConfig.from_dict(saved["model"])
+        train_cfg = resumed_config(TrainConfig.from_dict(saved["train"]), train_cfg)
+        sources = sources or [Path(s) for s in saved["data"]["sources"]]
+        val_fraction = saved["data"]["val_fraction"]
+    if not sources:
+        raise ValueError("no training data: pass --data DATA (a chunk store)")
+    store = ChunkStore(sources)
+    episodes = [e for e in store.episodes if e.video is not None]
+    if not episodes:
+        raise StoreError(f"{', '.join(map(str, sources))}: no episode has its video file")
+    train_eps, val_eps = split_episodes(episodes, val_fraction, seed=train_cfg.seed)
+    spec = WindowSpec(model_cfg.frames, model_cfg.frames - 1, model_cfg.fps, model_cfg.size)
+    preload = preload_fits(episodes, model_cfg) if preload is None else preload
+    train_set = WindowDataset(train_eps, spec, preload=preload)
+    val_set = WindowDataset(val_eps, spec, preload=preload) if val_eps else None
+    torch.manual_seed(train_cfg.seed)
+    model = IDM(model_cfg)
+    press_rate = action_stats(train_set)
+    log_prior_bias(model, np.array([press_rate[b] for b in A.BUTTONS]))
+    data = {"sources": [str(Path(s).resolve()) for s in sources], "val_fraction": val_fraction,
+            "split_seed": train_cfg.seed, "games": sorted({e.game for e in episodes}),
+            "train_episodes": len(train_eps), "train_windows": len(train_set),
+            "val_episodes": [e.video_id for e in val_eps], "preload": preload}
+    console.print(f"{describe(model)}; {len(train_eps)} training episodes ({len(train_set)} windows), "
+                  f"{len(val_eps)} held out", highlight=False)
+    evaluate = validation_metrics(val_eps, model_cfg) if val_eps else None
+    return train(model, train_cfg, train_set, val_set, out, resume=resume, evaluate=evaluate,
+                 model_type="idm", data=data)
+
+
+def log_prior_bias(model: IDM, press_rate: np.ndarray) -> None:
+    """Start each button's sigmoid at its press rate in the data instead of 0.5: rare buttons then
+    cost nothing at step 0, and the first updates go to the buttons that are actually used."""
+    rate = np.clip(np.asarray(press_rate, np.float64), 1e-4, 1 - 1e-4)
+    with torch.no_grad():
+        model.head[-1].bias[:A.NUM_BUTTONS] = torch.as_tensor(np.log(rate / (1 - rate)), dtype=torch.float32)
+
+
+register("idm", IDMConfig, IDM)

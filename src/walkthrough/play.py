@@ -1,0 +1,170 @@
+"""Acting with a trained policy: closed-loop play in ALE games, and offline grading on held-out data.
+
+Closed loop (``play``): each step the game's screen is turned into a model input by the same pixel
+path training frames took (``preprocess``); every ``replan_every`` steps the agent samples a chunk
+of H actions from the latest context frames and executes its first ``replan_every`` actions
+(receding horizon). Scores go to PLAY/scores.json, the first episodes to PLAY/<game>_ep<i>.mp4.
+
+Offline (``evaluate_offline``): chunks sampled for held-out windows against their true actions:
+per-button F1 and stick error of the first action and of the whole chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import deque
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.utils.data import default_collate
+
+from walkthrough import actions as A
+from walkthrough import metrics
+from walkthrough.chunks import ChunkStore, write_json_atomic
+from walkthrough.games import AtariGame
+from walkthrough.policy import Policy, PolicyDataset
+from walkthrough.train import load_model, read_run_config
+from walkthrough.video import VideoWriter
+
+
+def preprocess(frame: np.ndarray, size: int) -> np.ndarray:
+    """A raw game screen (H, W, 3) uint8 -> the model's (size, size, 3) uint8 input.
+
+    Training frames were stored as yuv420p H.264 and decoded by ``video.iter_frames``, which scales
+    them with libswscale's area filter straight to RGB. Doing the same two conversions here gives
+    the very same pixels for the same picture: only the H.264 compression loss (crf 18) differs.
+    """
+    yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+    return yuv.reformat(size, size, format="rgb24", interpolation="AREA").to_ndarray()
+
+
+# --- 1. Closed loop ------------------------------------------------------------------------------------
+class Agent:
+    """Acts from pixels with action chunks: re-plans every ``replan_every`` steps, follows the plan between."""
+
+    def __init__(self, policy: Policy, game: str, replan_every: int = 8, sample_steps: int | None = None,
+                 cfg_scale: float = 1.0, seed: int = 0):
+        horizon = policy.config.horizon
+        if not 1 <= replan_every <= horizon:
+            raise ValueError(f"replan_every must be in 1..{horizon} (the policy's chunk), got {replan_every}")
+        self.policy = policy.eval()
+        self.replan_every, self.sample_steps, self.cfg_scale = replan_every, sample_steps, cfg_scale
+        self.device = next(policy.parameters()).device
+        self.game = torch.tensor([policy.config.game_id(game)], device=self.device)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.context: deque[np.ndarray] = deque(maxlen=policy.config.context_frames)
+        self.plan: deque[np.ndarray] = deque()
+        self.latencies: list[float] = []  # seconds per sampled chunk
+
+    def reset(self) -> None:
+        self.context.clear()
+        self.plan.clear()
+
+    def act(self, frame: np.ndarray) -> np.ndarray:
+        """The screen now (H, W, 3) uint8 -> the (21,) gamepad action to take."""
+        self.context.append(preprocess(frame, self.policy.config.image_size))
+        while len(self.context) < self.context.maxlen:  # episode start: repeat the first frame
+            self.context.appendleft(self.context[0])
+        if not self.plan:
+            frames = torch.from_numpy(np.stack(self.context)).permute(0, 3, 1, 2)[None].to(self.device)  # (1, F, 3, H, W)
+            start = time.perf_counter()
+            chunk = self.policy.sample(frames, self.game, self.sample_steps, self.cfg_scale, self.generator)
+            self.latencies.append(time.perf_counter() - start)
+            self.plan.extend(chunk[0, : self.replan_every].cpu().numpy())  # (n, 21)
+        return self.plan.popleft()
+
+
+def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int = 8,
+         sample_steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0, max_seconds: float = 300.0,
+         sticky: float = 0.0, videos: int = 1, progress: bool = True) -> dict:
+    """Play ``episodes`` episodes of ``game`` (episode i seeded ``seed + i``); write and return the scores."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = AtariGame(game, seed=seed, fps=policy.config.fps, sticky=sticky, max_seconds=max_seconds)
+    agent = Agent(policy, game, replan_every, sample_steps, cfg_scale, seed)
+    runs = []
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, disable=not progress) as bar, torch.inference_mode():
+        task = bar.add_task(f"{game}", total=episodes)
+        for i in range(episodes):
+            frame, done, score = env.reset(seed + i), False, 0.0
+            agent.reset()
+            recording = VideoWriter(out / f"{game}_ep{i}.mp4", policy.config.fps) if i < videos else None
+            with recording or contextlib.nullcontext():
+                while not done:
+                    if recording is not None:
+                        recording.write(frame)
+                    frame, reward, done = env.step_gamepad(agent.act(frame))
+                    score += reward
+                    if env.steps % int(policy.config.fps) == 0:
+                        bar.update(task, description=f"{game} ep {i} t={env.steps / env.fps:.0f}s score {score:g}")
+            runs.append({"seed": seed + i, "score": score, "steps": env.steps, "truncated": env.truncated})
+            bar.update(task, advance=1, description=f"{game} ep {i} score {score:g}")
+    scores = np.array([r["score"] for r in runs])
+    result = {
+        "game": game, "game_known": game in policy.config.games, "episodes": runs,
+        "mean": float(scores.mean()), "std": float(scores.std()),
+        "replan_every": replan_every, "sample_steps": sample_steps or policy.config.sample_steps,
+        "cfg_scale": cfg_scale, "sticky": sticky, "max_seconds": max_seconds,
+        "chunk_latency_ms": 1000 * float(np.mean(agent.latencies)),
+    }
+    write_json_atomic(out / "scores.json", result)
+    return result
+
+
+# --- 2. Offline ----------------------------------------------------------------------------------------
+def _grade(pred: np.ndarray, true: np.ndarray) -> dict:
+    """(N, 21) sampled vs true actions: F1 of each button pressed in ``true`` and their mean, stick MAE."""
+    f1 = {name: s["f1"] for name, s in metrics.button_scores(pred, true).items() if s["support"] > 0}
+    return {"steps": len(true),
+            "button_f1": float(np.mean(list(f1.values()))) if f1 else math.nan,
+            "per_button_f1": f1,
+            "stick_mae": float(np.abs(pred[:, A.NUM_BUTTONS:] - true[:, A.NUM_BUTTONS:]).mean()) if len(true) else math.nan}
+
+
+@torch.no_grad()
+def evaluate_offline(policy: Policy, dataset: PolicyDataset, max_windows: int = 256, batch_size: int = 64,
+                     sample_steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0) -> dict:
+    """Sample one chunk for each of up to ``max_windows`` windows spread evenly over ``dataset`` and
+    grade it against the true actions (labelled steps only): ``first`` the action executed right
+    away, ``chunk`` all H actions."""
+    was_training = policy.training
+    policy.eval()
+    device = next(policy.parameters()).device
+    index = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), max_windows)).astype(int))
+    generator = torch.Generator(device).manual_seed(seed)
+    preds, trues, masks = [], [], []
+    for start in range(0, len(index), batch_size):
+        batch = default_collate([dataset[int(i)] for i in index[start:start + batch_size]])
+        chunk = policy.sample(batch["frames"].to(device), batch["game"].to(device), sample_steps, cfg_scale, generator)
+        preds.append(chunk.cpu())
+        trues.append(batch["actions"])
+        masks.append(batch["action_mask"])
+    policy.train(was_training)
+    pred, true = torch.cat(preds).numpy(), torch.cat(trues).numpy()  # (W, T, 21) each
+    mask = torch.cat(masks).numpy()  # (W, T)
+    return {"windows": len(index),
+            "first": _grade(pred[:, 0][mask[:, 0]], true[:, 0][mask[:, 0]]),
+            "chunk": _grade(pred[mask], true[mask])}
+
+
+def evaluate_run(run_dir: Path, data: list[Path], all_episodes: bool = False, ema: bool = True,
+                 **kwargs) -> dict:
+    """Grade the run's policy offline on ``data``: the episodes the run held out for validation, or
+    with ``all_episodes`` every episode (for data recorded apart from the training set)."""
+    policy = load_model(run_dir, ema=ema)
+    held_out = set(read_run_config(run_dir)["data"].get("val_episodes", []))
+    episodes = [e for source in data for e in ChunkStore(source)]
+    if not all_episodes:
+        episodes = [e for e in episodes if e.video_id in held_out]
+        if not episodes:
+            raise ValueError(f"none of the episodes in {', '.join(map(str, data))} were held out by {run_dir}; "
+                             f"pass --all-episodes to grade on all of them")
+    dataset = PolicyDataset([(episodes, 1.0)], policy.config)
+    return {"run": str(run_dir), "episodes": [e.video_id for e in episodes],
+            **evaluate_offline(policy, dataset, **kwargs)}

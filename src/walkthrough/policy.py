@@ -1,0 +1,459 @@
+"""The vision-action policy: SigLIP 2 image tokens -> a DiT that denoises a chunk of gamepad actions.
+
+After NitroGen, which follows GR00T N1 (see docs/policy.md):
+
+    frames (B, F, 3, H, W) uint8
+      -> SigLIP 2 vision encoder, per frame      (B, F*N, Dv)   N = (H/p) * (W/p) patch tokens
+      -> linear to the DiT width + self-attention layers over the image tokens ("neck")  (B, F*N, D)
+    noisy actions x_t (B, T, 21), timestep t, game id
+      -> DiT: AdaLN(t + game) blocks, cross-attention to the image tokens interleaved with
+         self-attention over the chunk                                              (B, T, 21)
+
+Trained by flow matching: x_t = (1 - t) * noise + t * a, the DiT predicts the velocity a - noise,
+with a masked, confidence-weighted MSE; acting integrates that velocity from noise (t = 0) to an
+action chunk (t = 1) in K Euler steps.
+
+The flow runs in a [-1, 1]^21 action space: buttons 0/1 become -1/+1 (decoded by thresholding at 0),
+sticks are kept as they are.
+
+The file reads top to bottom: config, action space, model, data (a weighted mixture of chunk stores),
+training entry point. Acting in a game and offline evaluation are in ``walkthrough.play``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+from walkthrough import actions as A
+from walkthrough.chunks import ChunkStore, Episode
+from walkthrough.dataset import WindowDataset, WindowSpec, split_episodes
+from walkthrough.train import TrainConfig, register, train
+
+NULL_GAME = 0  # game id of "no game / unknown game": also the unconditional id of classifier-free guidance
+# Architecture keys of a Siglip2VisionConfig that we keep in our own config (enough to rebuild it).
+VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "patch_size", "num_patches", "hidden_act", "layer_norm_eps")
+
+
+def tiny_vision() -> dict:
+    """A SigLIP 2 small enough to train from scratch on a CPU: 64x64 px, 8 px patches -> 64 tokens."""
+    return dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                patch_size=8, num_patches=64, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+
+
+def large_vision() -> dict:
+    """siglip2-large-patch16-256's vision tower (NitroGen's): 16 px patches, 256 tokens at 256 px."""
+    return dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                patch_size=16, num_patches=256, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+
+
+# --- 1. Config --------------------------------------------------------------------------------------
+@dataclass
+class PolicyConfig:
+    # what the policy sees and does
+    image_size: int = 64  # square input, pixels
+    context_frames: int = 1  # frames up to and including "now" (NitroGen: 1)
+    horizon: int = 16  # actions per predicted chunk (NitroGen: 16-18)
+    fps: float = 30.0  # frame and action rate the policy was trained at
+    games: list[str] = field(default_factory=list)  # game-id vocabulary; id i + 1 is games[i]
+    # vision encoder (a Siglip2VisionConfig, architecture keys only)
+    vision: dict = field(default_factory=tiny_vision)
+    freeze_vision: bool = False
+    # image-token self-attention layers and DiT action head
+    width: int = 128
+    neck_layers: int = 2
+    dit_layers: int = 4  # alternate cross-attention (even) and self-attention (odd) blocks
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    # flow matching
+    beta_alpha: float = 1.5  # t = 1 - u, u ~ Beta(alpha, beta): GR00T's (1.5, 1.0) favours noisy t
+    beta_beta: float = 1.0
+    sample_steps: int = 16  # Euler steps at inference (GR00T: 4 suffice)
+    game_dropout: float = 0.1  # training-time probability of the null game (enables CFG)
+
+    def __post_init__(self) -> None:
+        patch = self.vision["patch_size"]
+        if self.image_size % patch:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the patch size {patch}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if min(self.context_frames, self.horizon, self.sample_steps) < 1:
+            raise ValueError("context_frames, horizon and sample_steps must be >= 1")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PolicyConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def game_id(self, game: str | None) -> int:
+        """A game's id; an unknown game (or None) gets the null id."""
+        return self.games.index(game) + 1 if game in self.games else NULL_GAME
+
+
+PRESETS: dict[str, dict] = {
+    # ~0.1M parameters, 32 px: seconds to train; for tests and smoke runs, not for playing.
+    "test": dict(image_size=32, vision=dict(tiny_vision(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, num_patches=16),
+                 width=32, neck_layers=1, dit_layers=2, heads=2),
+    # ~2M parameters: trains from scratch on 2 CPU cores in minutes; plays in real time there.
+    "cpu": dict(image_size=64, vision=tiny_vision(), width=128, neck_layers=2, dit_layers=4, heads=4),
+    # NitroGen-sized: SigLIP 2 large at 256 px (load its weights with --vision-pretrained) + a wide DiT.
+    "gpu": dict(image_size=256, vision=large_vision(), width=1024, neck_layers=4, dit_layers=8, heads=16),
+}
+
+
+# --- 2. Action space of the flow ------------------------------------------------------------------
+def to_flow(actions: Tensor) -> Tensor:
+    """Schema actions (..., 21) (buttons 0/1, sticks in [-1, 1]) -> flow space [-1, 1]^21."""
+    return torch.cat([actions[..., :A.NUM_BUTTONS] * 2 - 1, actions[..., A.NUM_BUTTONS:]], dim=-1)
+
+
+def from_flow(x: Tensor) -> Tensor:
+    """Flow-space samples (..., 21) -> schema actions: buttons thresholded at 0, sticks clipped."""
+    buttons = (x[..., :A.NUM_BUTTONS] > 0).float()
+    return torch.cat([buttons, x[..., A.NUM_BUTTONS:].clamp(-1, 1)], dim=-1)
+
+
+# --- 3. Model ---------------------------------------------------------------------------------------
+def patchify(frames: Tensor, patch: int) -> Tensor:
+    """(B, 3, H, W) float -> (B, N, p*p*3) patches, row-major, pixels (p, p, C) inside a patch.
+
+    The layout of transformers' Siglip2 image processor, so pretrained patch embeddings apply.
+    """
+    B, C, H, W = frames.shape
+    x = frames.reshape(B, C, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // patch) * (W // patch), patch * patch * C)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """(B,) flow times in [0, 1] -> (B, dim) sinusoidal features (of 1000 t, as in DiT)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = 1000.0 * t[:, None].float() * freqs[None]  # (B, dim/2)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of x over a context (itself for self-attention)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q = self.q(x).view(B, T, self.heads, -1).transpose(1, 2)  # (B, h, T, D/h)
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, S, D/h) each
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, h, T, D/h)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block (DiT): attention then MLP, each shifted, scaled and gated by the condition.
+
+    ``cross`` blocks attend to the image tokens, the others to the action chunk itself.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, cross: bool):
+        super().__init__()
+        self.cross = cross
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: Tensor, cond: Tensor, image: Tensor) -> Tensor:
+        # x (B, T, D) action tokens, cond (B, D), image (B, S, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(cond)[:, None].chunk(6, dim=-1)  # (B, 1, D) each
+        h = modulate(self.norm1(x), shift1, scale1)
+        x = x + gate1 * self.attn(h, image if self.cross else h)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        shift, scale = self.adaln(cond)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class Policy(nn.Module):
+    """SigLIP 2 + DiT flow-matching policy over chunks of ``horizon`` gamepad actions."""
+
+    def __init__(self, config: PolicyConfig):
+        super().__init__()
+        self.config = config
+        D, vision = config.width, config.vision
+        # --- image tokens
+        self.vision = Siglip2VisionModel(Siglip2VisionConfig(**vision, vision_use_head=False))
+        self.vision_proj = nn.Linear(vision["hidden_size"], D)
+        self.frame_pos = nn.Parameter(torch.zeros(config.context_frames, 1, D))  # which context frame
+        layer = nn.TransformerEncoderLayer(D, config.heads, int(D * config.mlp_ratio), dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.neck = nn.TransformerEncoder(layer, config.neck_layers, norm=nn.LayerNorm(D),
+                                          enable_nested_tensor=False)
+        # --- action head
+        self.action_in = nn.Linear(A.ACTION_DIM, D)
+        self.action_pos = nn.Parameter(torch.zeros(config.horizon, D))
+        self.time_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+        self.game_embed = nn.Embedding(len(config.games) + 1, D)  # row 0: the null game
+        self.blocks = nn.ModuleList(
+            DiTBlock(D, config.heads, config.mlp_ratio, cross=(i % 2 == 0)) for i in range(config.dit_layers))
+        self.final = FinalLayer(D, A.ACTION_DIM)
+        self._init_head()
+        if config.freeze_vision:
+            self.vision.requires_grad_(False)
+
+    def _init_head(self) -> None:
+        # DiT's init: Xavier linears, small position embeddings, and adaLN-Zero: every block and the
+        # output start as the identity / zero, so training begins from a stable, small network.
+        # (The SigLIP 2 encoder keeps its own init, or its pretrained weights.)
+        for module in [self.vision_proj, self.neck, self.action_in, self.time_mlp, self.blocks, self.final]:
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+        for p in (self.frame_pos, self.action_pos, self.game_embed.weight):
+            nn.init.normal_(p, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaln[-1].weight)
+            nn.init.zeros_(block.adaln[-1].bias)
+        for m in (self.final.adaln[-1], self.final.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # -- forward pieces
+    def encode(self, frames: Tensor) -> Tensor:
+        """(B, F, 3, H, W) uint8 frames -> (B, F*N, D) image tokens."""
+        B, Fr = frames.shape[:2]  # (F is torch.nn.functional here)
+        patch = self.config.vision["patch_size"]
+        side = self.config.image_size // patch
+        pixels = frames.flatten(0, 1).float() / 127.5 - 1.0  # SigLIP normalisation: mean 0.5, std 0.5
+        patches = patchify(pixels, patch)  # (B*F, N, p*p*3)
+        out = self.vision(
+            pixel_values=patches,
+            pixel_attention_mask=torch.ones(patches.shape[:2], dtype=torch.long, device=frames.device),
+            spatial_shapes=torch.tensor([[side, side]], device=frames.device).expand(B * Fr, 2),
+        ).last_hidden_state  # (B*F, N, Dv)
+        tokens = self.vision_proj(out).view(B, Fr, -1, self.config.width) + self.frame_pos  # (B, F, N, D)
+        return self.neck(tokens.flatten(1, 2))  # (B, F*N, D)
+
+    def velocity(self, x: Tensor, t: Tensor, image: Tensor, game: Tensor) -> Tensor:
+        """The DiT: noisy chunk x (B, T, 21) at times t (B,) -> predicted velocity (B, T, 21)."""
+        cond = self.time_mlp(timestep_embedding(t, self.config.width)) + self.game_embed(game)  # (B, D)
+        h = self.action_in(x) + self.action_pos  # (B, T, D)
+        for block in self.blocks:
+            h = block(h, cond, image)
+        return self.final(h, cond)
+
+    def sample_t(self, batch: int, device: torch.device) -> Tensor:
+        beta = torch.distributions.Beta(torch.tensor(self.config.beta_alpha), torch.tensor(self.config.beta_beta))
+        return (1.0 - beta.sample((batch,))).to(device)
+
+    # -- training
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """Flow-matching loss on a batch of windows (see ``PolicyDataset``).
+
+        The MSE of each step is weighted by ``has_real_action`` (0 where no label covers the step)
+        times ``weight`` (a pseudo-label's confidence, else 1), and divided by the number of
+        labelled steps, so low-confidence labels count for less rather than being renormalised.
+        """
+        frames, actions = batch["frames"], batch["actions"]  # (B, F, 3, H, W) uint8, (B, T, 21)
+        has_real_action = batch["action_mask"].float()  # (B, T)
+        weight = has_real_action * batch["weight"]  # (B, T)
+        game = batch["game"]  # (B,)
+        if self.training and self.config.game_dropout > 0:
+            dropped = torch.rand(game.shape, device=game.device) < self.config.game_dropout
+            game = game.masked_fill(dropped, NULL_GAME)
+        a = to_flow(actions)  # (B, T, 21)
+        noise = torch.randn_like(a)
+        t = self.sample_t(a.shape[0], a.device)  # (B,)
+        x_t = (1 - t[:, None, None]) * noise + t[:, None, None] * a
+        v = self.velocity(x_t, t, self.encode(frames), game)
+        err = (v.float() - (a - noise)) ** 2  # (B, T, 21)
+        labelled = has_real_action.sum().clamp(min=1)
+        loss = (err.mean(-1) * weight).sum() / labelled
+        with torch.no_grad():
+            button_mse = (err[..., :A.NUM_BUTTONS].mean(-1) * weight).sum() / labelled
+            stick_mse = (err[..., A.NUM_BUTTONS:].mean(-1) * weight).sum() / labelled
+        return loss, {"loss": loss.item(), "button_mse": button_mse.item(), "stick_mse": stick_mse.item(),
+                      "labelled": has_real_action.mean().item()}
+
+    # -- acting
+    @torch.no_grad()
+    def sample(self, frames: Tensor, game: Tensor | None = None, steps: int | None = None,
+               cfg_scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """Frames (B, F, 3, H, W) uint8 -> a chunk of schema actions (B, T, 21), by K Euler steps.
+
+        ``cfg_scale`` != 1 mixes game-conditioned and unconditional velocities (classifier-free
+        guidance): v = v_null + s * (v_game - v_null).
+        """
+        steps = steps or self.config.sample_steps
+        B, device = frames.shape[0], frames.device
+        game = torch.full((B,), NULL_GAME, device=device) if game is None else game
+        image = self.encode(frames)  # (B, S, D), computed once for all steps
+        guided = cfg_scale != 1.0
+        if guided:  # conditional and unconditional halves in one batch
+            image = torch.cat([image, image])
+            game = torch.cat([game, torch.full_like(game, NULL_GAME)])
+        x = torch.randn(B, self.config.horizon, A.ACTION_DIM, generator=generator, device=device)
+        for i in range(steps):
+            t = torch.full((B,), i / steps, device=device)
+            if guided:
+                v_game, v_null = self.velocity(torch.cat([x, x]), torch.cat([t, t]), image, game).chunk(2)
+                v = v_null + cfg_scale * (v_game - v_null)
+            else:
+                v = self.velocity(x, t, image, game)
+            x = x + v / steps
+        return from_flow(x)
+
+
+def with_pretrained_vision(config: PolicyConfig, directory: Path | str) -> Policy:
+    """A policy whose vision encoder starts from a SigLIP 2 saved with ``save_pretrained``.
+
+    ``directory`` is local (the hub is never asked); it may hold a vision tower or a full SigLIP 2
+    (text tower and pooling head are ignored). The encoder's architecture comes from it.
+    """
+    vision, info = Siglip2VisionModel.from_pretrained(directory, local_files_only=True, vision_use_head=False,
+                                                      output_loading_info=True)
+    if info["missing_keys"]:
+        raise ValueError(f"{directory}: not a SigLIP 2 vision checkpoint (missing e.g. {sorted(info['missing_keys'])[0]})")
+    policy = Policy(replace(config, vision={k: getattr(vision.config, k) for k in VISION_KEYS}))
+    policy.vision.load_state_dict(vision.state_dict())
+    return policy
+
+
+register("policy", PolicyConfig, Policy)
+
+
+# --- 4. Data: a weighted mixture of chunk stores -------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """One ``--data PATH[:WEIGHT]``: a chunk store (ground truth or pseudo-labels) and its weight."""
+    path: Path
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "Source":
+        path, colon, weight = text.rpartition(":")
+        try:
+            value = float(weight) if colon else None
+        except ValueError:  # the colon belongs to the path
+            value = None
+        if value is None:
+            return cls(Path(text))
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"--data {text}: the weight after ':' must be a positive number")
+        return cls(Path(path), value)
+
+
+def is_pseudo_label(episode: Episode) -> bool:
+    """Pseudo-label episodes name the labeler that made them (see ``walkthrough.label``)."""
+    return "labeler" in episode.info
+
+
+class PolicyDataset(Dataset):
+    """Policy training windows from one or more sources, mixed by weight.
+
+    An item is a ``WindowDataset`` item cut for acting: ``frames`` (F, 3, H, W) the context up to
+    "now", ``actions`` (T, 21), ``action_mask`` (T,) and ``weight`` (T,) for the T steps from "now"
+    on, plus ``game`` () the game id.
+
+    Mixing: there are as many items as the sources have windows together, and source s fills a share
+    w_s / sum(w) of them, cycling through its windows in a seeded order. The shared training loop
+    permutes the items every epoch, so the sources are drawn in proportion to their weights while
+    data order, resume and DDP sharding stay the loop's own.
+    """
+
+    def __init__(self, parts: list[tuple[list[Episode], float]], config: PolicyConfig,
+                 use_confidence: bool = True, preload: bool = False, seed: int = 0):
+        self.config = config
+        spec = WindowSpec(num_frames=config.context_frames,
+                          num_actions=config.context_frames - 1 + config.horizon,
+                          fps=config.fps, size=(config.image_size, config.image_size))
+        self.sets = [WindowDataset(episodes, spec, use_confidence, preload) for episodes, _ in parts]
+        weights = np.array([w for _, w in parts], dtype=np.float64)
+        total = sum(len(s) for s in self.sets)
+        counts = np.round(total * weights / weights.sum()).astype(int)
+        rng = np.random.default_rng(seed)
+        items = []  # (source, window) per item
+        for s, (windows, n) in enumerate(zip(self.sets, counts)):
+            cycles = -(-n // len(windows))  # ceil
+            order = np.concatenate([rng.permutation(len(windows)) for _ in range(cycles)])[:n]
+            items.append(np.stack([np.full(n, s), order], axis=1))
+        self.items = np.concatenate(items)  # (N, 2)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        s, w = self.items[i]
+        item = self.sets[s][int(w)]
+        skip = self.config.context_frames - 1  # the steps between context frames are on screen already
+        for key in ("actions", "action_mask", "weight"):
+            item[key] = item[key][skip:]
+        game = self.sets[s].episodes[int(item["episode"])].game
+        item["game"] = torch.tensor(self.config.game_id(game))
+        return item
+
+
+# --- 5. Training --------------------------------------------------------------------------------------
+def train_policy(sources: list[Source], out: Path, config: PolicyConfig, train_cfg: TrainConfig,
+                 val_fraction: float = 0.1, use_confidence: bool = True,
+                 vision_pretrained: Path | None = None, preload: bool = True, resume: bool = False,
+                 eval_windows: int = 256) -> Path:
+    """Train a policy on a weighted mixture of chunk stores into the run directory ``out``.
+
+    Validation (loss, and the offline action metrics of ``play.evaluate_offline``) runs on held-out
+    ground-truth episodes only: pseudo-labels all go to training. The game vocabulary is every game
+    in the data.
+    """
+    from walkthrough.play import evaluate_offline  # play imports this module
+
+    stores = [(ChunkStore(s.path), s) for s in sources]
+    config = replace(config, games=sorted({e.game for store, _ in stores for e in store}))
+    parts, held_out, summary = [], [], []
+    for store, source in stores:
+        truth = [e for e in store if not is_pseudo_label(e)]
+        pseudo = [e for e in store if is_pseudo_label(e)]
+        fit, val = split_episodes(truth, val_fraction, train_cfg.seed)
+        parts.append((fit + pseudo, source.weight))
+        held_out += val
+        summary.append({"path": str(source.path), "weight": source.weight, "episodes": len(fit) + len(pseudo),
+                        "pseudo_episodes": len(pseudo)})
+    train_set = PolicyDataset(parts, config, use_confidence, preload, seed=train_cfg.seed)
+    val_set = PolicyDataset([(held_out, 1.0)], config, use_confidence, preload) if held_out else None
+    model = with_pretrained_vision(config, vision_pretrained) if vision_pretrained else Policy(config)
+
+    def evaluate(policy: nn.Module) -> dict[str, float]:
+        metrics = evaluate_offline(policy, val_set, max_windows=eval_windows)
+        return {f"{part}_{name}": metrics[part][name] for part in ("first", "chunk")
+                for name in ("button_f1", "stick_mae")}
+
+    data = {"sources": summary, "val_episodes": [e.video_id for e in held_out],
+            "use_confidence": use_confidence, "vision_pretrained": str(vision_pretrained or "")}
+    return train(model, train_cfg, train_set, val_set, out, resume=resume,
+                 evaluate=evaluate if val_set is not None else None, model_type="policy", data=data)

@@ -1,0 +1,184 @@
+"""The IDM: shapes, inference helpers, that it learns motion, and `train-idm` / `eval-idm` end to end."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from walkthrough import actions as A
+from walkthrough import idm
+from walkthrough.cli import app
+from walkthrough.metrics import STICK_BINS, STICK_CENTRES
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run no faster on two threads, and far slower when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = dict(frames=3, size=(16, 16), channels=(4,), dim=16, depth=1, heads=2)
+RIGHT, LEFT = A.BUTTON_INDEX["dpad_right"], A.BUTTON_INDEX["dpad_left"]
+
+
+def tiny(**changes) -> idm.IDM:
+    torch.manual_seed(0)
+    return idm.IDM(idm.IDMConfig(**{**TINY, **changes}))
+
+
+def test_predict_gives_probabilities_actions_and_confidence_per_transition():
+    out = tiny().predict(torch.randint(0, 256, (2, 3, 3, 16, 16), dtype=torch.uint8))
+    assert out["button_prob"].shape == (2, 2, A.NUM_BUTTONS)
+    assert out["stick_logits"].shape == out["stick_prob"].shape == (2, 2, A.NUM_AXES, STICK_BINS)
+    assert out["actions"].shape == (2, 2, A.ACTION_DIM)
+    assert ((out["confidence"] > 0) & (out["confidence"] <= 1)).all()
+    with pytest.raises(ValueError, match="windows of 3 frames"):
+        tiny().predict(torch.zeros(1, 4, 3, 16, 16, dtype=torch.uint8))
+
+
+def test_neighbour_stacking_is_a_space_time_convolution():
+    conv3d = torch.nn.Conv3d(3, 4, kernel_size=3, padding=1)
+    x = torch.randn(2, 5, 3, 8, 8)  # (B, T, C, H, W)
+    expected = conv3d(x.transpose(1, 2)).transpose(1, 2)  # Conv3d wants (B, C, T, H, W)
+    weight = conv3d.weight.permute(0, 2, 1, 3, 4).flatten(1, 2)  # (out, time * in, 3, 3)
+    got = F.conv2d(idm.with_neighbours(x).flatten(0, 1), weight, conv3d.bias, padding=1).view_as(expected)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_decode_and_confidence_definitions():
+    button_prob = torch.full((1, A.NUM_BUTTONS), 0.01)
+    button_prob[0, RIGHT] = 0.8
+    stick_prob = torch.zeros(1, A.NUM_AXES, STICK_BINS)
+    stick_prob[..., STICK_BINS // 2] = 1.0
+    stick_prob[0, 0] = torch.zeros(STICK_BINS).index_fill(0, torch.tensor([9, 10]), 0.5)
+    stick_prob[0, 0, 9] = 0.6
+    stick_prob[0, 0, 10] = 0.4
+    action = idm.decode(button_prob, stick_prob)[0]
+    assert action[RIGHT] == 1 and action[:A.NUM_BUTTONS].sum() == 1
+    assert action[A.NUM_BUTTONS] == pytest.approx(STICK_CENTRES[9]) and (action[A.NUM_BUTTONS + 1:] == 0).all()
+    expected = 0.8 * 0.99 ** (A.NUM_BUTTONS - 1) * 0.6
+    assert idm.confidence(button_prob, stick_prob).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_label_averages_overlapping_windows():
+    model = tiny()
+    frames = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    out = model.label(frames, stride=1)  # windows start at 0, 1, 2, 3
+    assert out["actions"].shape == (5, A.ACTION_DIM) and out["confidence"].shape == (5,)
+    windows = model.predict(torch.stack([frames[s:s + 3] for s in range(4)]))["button_prob"]
+    assert torch.allclose(out["button_prob"][0], windows[0, 0], atol=1e-6)  # one window covers step 0
+    assert torch.allclose(out["button_prob"][2], (windows[1, 1] + windows[2, 0]) / 2, atol=1e-6)
+    assert model.label(frames[:2])["actions"].shape == (1, A.ACTION_DIM)  # shorter than a window
+
+
+def moving_square(actions: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Frames of a square that moves 2 px right / left on dpad_right / dpad_left. (T, 3, 16, 16)."""
+    x, frames = int(torch.randint(4, 10, (1,), generator=g)), []
+    for t in range(len(actions) + 1):
+        frame = torch.zeros(3, 16, 16, dtype=torch.uint8)
+        frame[:, 6:10, x:x + 3] = 255
+        frames.append(frame)
+        if t < len(actions):
+            x += 2 * int(actions[t, RIGHT]) - 2 * int(actions[t, LEFT])
+    return torch.stack(frames)
+
+
+def test_idm_learns_actions_it_can_see():
+    model = tiny(frames=2, channels=(8,), dim=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n: int) -> dict:
+        actions = torch.zeros(n, 1, A.ACTION_DIM)
+        actions[:, 0, RIGHT] = (torch.rand(n, generator=g) < 0.4).float()
+        actions[:, 0, LEFT] = (1 - actions[:, 0, RIGHT]) * (torch.rand(n, generator=g) < 0.5).float()
+        return {"frames": torch.stack([moving_square(a, g) for a in actions]), "actions": actions,
+                "action_mask": torch.ones(n, 1, dtype=torch.bool), "weight": torch.ones(n, 1)}
+
+    for _ in range(120):
+        loss, _ = model.loss(batch(32))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    test = batch(64)
+    predicted = model.predict(test["frames"])["actions"]
+    assert (predicted == test["actions"]).all(-1).float().mean() > 0.95
+
+
+def test_config_round_trips_through_json():
+    config = idm.preset("cpu", frames=8)
+    assert idm.IDMConfig.from_dict(json.loads(json.dumps(asdict(config)))) == config
+    assert idm.preset("gpu").size == (128, 128)
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        idm.IDMConfig(frames=1)
+
+
+# --- the commands ---------------------------------------------------------------------------------
+runner = CliRunner()
+TRAIN = ["--size", "32", "--frames", "3", "--steps", "4", "--batch-size", "8", "--eval-every", "2",
+         "--log-every", "2", "--num-workers", "0", "--val-fraction", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def trained(recorded, tmp_path_factory):
+    run = tmp_path_factory.mktemp("idm") / "run"
+    result = runner.invoke(app, ["train-idm", "--data", str(recorded), "--out", str(run), *TRAIN])
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_train_idm_writes_a_run_validated_on_held_out_episodes(trained, recorded):
+    saved = json.loads((trained / "config.json").read_text())
+    assert saved["model_type"] == "idm" and saved["step"] == 4 and saved["model"]["frames"] == 3
+    assert saved["data"]["sources"] == [str(recorded.resolve())] and len(saved["data"]["val_episodes"]) == 1
+    val = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()
+           if '"val"' in line]
+    assert [v["step"] for v in val] == [2, 4] and all("event_f1" in v for v in val)
+    # resuming a finished run has nothing left to do; a new run may not overwrite it
+    assert runner.invoke(app, ["train-idm", "--out", str(trained), "--resume", *TRAIN]).exit_code == 0
+    assert json.loads((trained / "config.json").read_text())["step"] == 4
+    result = runner.invoke(app, ["train-idm", "--data", str(recorded), "--out", str(trained), *TRAIN])
+    assert result.exit_code == 2 and "--resume" in result.output
+
+
+def test_eval_idm_reports_baselines_plots_and_calibrates(trained, recorded, tmp_path):
+    result = runner.invoke(app, ["eval-idm", "--ckpt", str(trained), "--data", str(recorded),
+                                 "--out", str(tmp_path), "--target-precision", "0.5"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["split"] == "val" and len(report["episodes"]) == 1
+    assert set(report["overall"]) == {"idm", "repeat_previous", "always_idle"}
+    game = next(iter(report["per_game"].values()))
+    assert set(game) >= {"idm", "repeat_previous", "always_idle"} and "event_f1" in game["idm"]
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("button_f1.png", "calibration.png",
+                                                           "precision_coverage.png"))
+    calibration = idm.load_calibration(trained)
+    assert calibration["target_precision"] == 0.5 and calibration["step"] == 4
+    assert calibration["confidence_threshold"] == report["selective"]["threshold"]
+
+
+def test_unseen_data_evaluates_with_split_all(trained, recorded, tmp_path):
+    args = ["eval-idm", "--ckpt", str(trained), "--data", str(recorded), "--out", str(tmp_path),
+            "--split", "all", "--max-seconds", "2", "--no-calibrate"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert len(json.loads((tmp_path / "report.json").read_text())["episodes"]) == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train-idm", "--out", "RUN"], "no training data"),
+    (["train-idm", "--data", "EMPTY", "--out", "RUN"], "no chunks found"),
+    (["train-idm", "--data", "MISSING", "--out", "RUN"], "no such file"),
+    (["eval-idm", "--ckpt", "EMPTY", "--data", "EMPTY", "--out", "EVAL"], "no checkpoint"),
+])
+def test_bad_input_exits_with_one_line(args, message, tmp_path):
+    (tmp_path / "EMPTY").mkdir()
+    args = [str(tmp_path / a) if a.isupper() else a for a in args]
+    result = runner.invoke(app, args)
+    text = " ".join(result.output.split())  # rich wraps long lines at the test console's width
+    assert result.exit_code == 2 and text.startswith("error:") and text.count("error:") == 1
+    assert message in text
