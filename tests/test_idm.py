@@ -41,12 +41,15 @@ def test_predict_gives_probabilities_actions_and_confidence_per_transition():
         tiny().predict(torch.zeros(1, 4, 3, 16, 16, dtype=torch.uint8))
 
 
-def test_neighbour_stacking_is_a_space_time_convolution():
-    conv3d = torch.nn.Conv3d(3, 4, kernel_size=3, padding=1)
+def test_motion_input_is_a_reparametrised_space_time_convolution():
+    conv3d = torch.nn.Conv3d(3, 4, kernel_size=3, padding=(0, 1, 1))
     x = torch.randn(2, 5, 3, 8, 8)  # (B, T, C, H, W)
-    expected = conv3d(x.transpose(1, 2)).transpose(1, 2)  # Conv3d wants (B, C, T, H, W)
-    weight = conv3d.weight.permute(0, 2, 1, 3, 4).flatten(1, 2)  # (out, time * in, 3, 3)
-    got = F.conv2d(idm.with_neighbours(x).flatten(0, 1), weight, conv3d.bias, padding=1).view_as(expected)
+    padded = torch.cat([x[:, :1], x, x[:, -1:]], dim=1)  # the window's ends repeated in time
+    expected = conv3d(padded.transpose(1, 2)).transpose(1, 2)  # Conv3d wants (B, C, T, H, W)
+    w_prev, w_now, w_next = conv3d.weight.unbind(2)  # (out, in, 3, 3) per time offset
+    g = idm.MOTION_GAIN  # a x + b g (next - x) + c g (x - prev) == w_prev prev + w_now x + w_next next
+    weight = torch.cat([w_prev + w_now + w_next, w_next / g, -w_prev / g], dim=1)
+    got = F.conv2d(idm.with_motion(x).flatten(0, 1), weight, conv3d.bias, padding=1).view_as(expected)
     assert torch.allclose(got, expected, atol=1e-5)
 
 

@@ -305,6 +305,7 @@ def train_idm(
     val_fraction: float = typer.Option(0.1, "--val-fraction", min=0.0, max=0.9, help="Share of episodes held out (by episode, never by frame)."),
     steps: int = typer.Option(2000, "--steps", min=1, help="Optimizer steps (the schedule's length)."),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="End after this much training time instead (the schedule follows it)."),
+    clock: str = typer.Option("wall", "--clock", help="wall | cpu: what --budget-minutes counts (cpu: this process's CPU time, fair on a shared machine with 1 thread and --num-workers 0)."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Checkpoint and stop this session after this long; --resume continues."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Global batch (split over DDP ranks)."),
     lr: float = typer.Option(1e-3, "--lr"),
@@ -338,7 +339,7 @@ def train_idm(
                                 schedule=schedule, ema_decay=ema_decay, bf16=bf16, augment=augment,
                                 eval_every=eval_every, ckpt_every=ckpt_every, log_every=log_every,
                                 num_workers=num_workers, seed=seed, budget_minutes=budget_minutes,
-                                max_minutes=max_minutes)
+                                clock=clock, max_minutes=max_minutes)
         idm.train_idm(data, out, model_cfg, train_cfg, val_fraction=val_fraction, resume=resume, preload=preload)
     except (ValueError, OSError, VideoError) as e:
         fail(str(e))

@@ -3,8 +3,8 @@
 After VPT's IDM (a space-time conv stem, an IMPALA ResNet per frame, a non-causal transformer):
 
     frames (B, T, 3, H, W) uint8
-      -> each frame stacked with its two neighbours and a 3x3 conv: a 3x3x3 space-time conv,
-         so motion is visible from the first layer                              (B*T, C0, H, W)
+      -> each frame with its differences to both neighbours, then a 3x3 conv: a 3x3x3
+         space-time conv that sees motion from the first step                    (B*T, C0, H, W)
       -> IMPALA stages (conv, max-pool /2, two residual blocks), flatten, linear  (B, T, D)
       -> non-causal transformer over the T frame tokens                           (B, T, D)
       -> transition j reads [h_j, h_j+1]: 17 button logits + 4 x 11 stick-bin logits
@@ -89,14 +89,20 @@ def preset(name: str, **overrides) -> IDMConfig:
 
 
 # --- 2. Model ---------------------------------------------------------------------------------------
-def with_neighbours(frames: Tensor) -> Tensor:
-    """Stack each frame with the previous and next one along channels (zeros past the ends).
+MOTION_GAIN = 4.0  # few pixels change between frames: amplify the differences to the frame's scale
 
-    (B, T, C, H, W) -> (B, T, 3C, H, W). A 2D conv over this equals a 3D conv with temporal
-    kernel 3 and padding 1, and runs much faster on CPUs.
+
+def with_motion(frames: Tensor) -> Tensor:
+    """Each frame with its change to the next frame and from the previous one, along channels.
+
+    (B, T, C, H, W) -> (B, T, 3C, H, W): [x_t, g (x_t+1 - x_t), g (x_t - x_t-1)], the window's
+    end frames repeated past its edges (no change there). A 2D conv over this is a 3D conv with
+    temporal kernel 3, reparametrised so that motion is its input from the start: on Atari it
+    leaves the loss plateau of the plain [x_t-1, x_t, x_t+1] stack ~3x sooner (docs/idm.md).
     """
-    padded = F.pad(frames, (0, 0, 0, 0, 0, 0, 1, 1))  # (B, T+2, C, H, W)
-    return torch.cat([padded[:, :-2], padded[:, 1:-1], padded[:, 2:]], dim=2)
+    prev = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
+    next_ = torch.cat([frames[:, 1:], frames[:, -1:]], dim=1)
+    return torch.cat([frames, MOTION_GAIN * (next_ - frames), MOTION_GAIN * (frames - prev)], dim=2)
 
 
 class ResidualBlock(nn.Module):
@@ -148,7 +154,7 @@ class IDM(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        in_channels, stages = 9, []  # RGB of the frame and of its two neighbours
+        in_channels, stages = 9, []  # RGB of the frame and of its changes to both neighbours
         for channels in c.channels:
             stages.append(ImpalaStage(in_channels, channels))
             in_channels = channels
@@ -171,7 +177,7 @@ class IDM(nn.Module):
             raise ValueError(f"IDM expects windows of {self.config.frames} frames of {self.config.size}, "
                              f"got {T} of {(H, W)}")
         x = frames.contiguous().float() / 255.0 - 0.5  # channels-last input is ~10x slower on CPU
-        x = with_neighbours(x).flatten(0, 1)  # (B*T, 9, H, W)
+        x = with_motion(x).flatten(0, 1)  # (B*T, 9, H, W)
         x = F.relu(self.encoder(x)).flatten(1)  # (B*T, C*h*w)
         x = self.embed(x).view(B, T, -1) + self.pos  # (B, T, D)
         for block in self.blocks:
@@ -351,7 +357,7 @@ def label_episode(model: IDM, episode: Episode, frames: np.ndarray | None = None
 
 
 def validation_metrics(episodes: list[Episode], config: IDMConfig,
-                       max_seconds: float = 60.0) -> Callable[[IDM], dict[str, float]]:
+                       max_seconds: float = 20.0) -> Callable[[IDM], dict[str, float]]:
     """The training loop's ``evaluate``: headline metrics on the first ``max_seconds`` of each
     held-out episode (decoded once, here)."""
     frames = [decode_episode(e, config.fps, config.size, int(max_seconds * config.fps) + 1) for e in episodes]

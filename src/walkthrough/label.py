@@ -36,6 +36,7 @@ import hashlib
 import itertools
 import json
 import queue
+import re
 import shutil
 import threading
 import time
@@ -45,13 +46,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from walkthrough import actions as A
 from walkthrough import chunks, idm, video
-from walkthrough.metrics import STICK_BINS, step_active
+from walkthrough.metrics import STICK_BINS, step_active, summarize
 
 
 # --- 1. Config -----------------------------------------------------------------------------------
@@ -223,14 +223,10 @@ def decode_rows(job: dict, spec: DecodeSpec) -> Iterator[dict]:
     frames: deque[np.ndarray] = deque(maxlen=T)
     stats: deque[tuple[float, float]] = deque(maxlen=T - 1)  # (brightness, motion) per transition
 
-    def row(start: int, end: str = "") -> dict:
-        if start < 0:
-            return {"video": job["key"], "start": -1, "frames": np.zeros((T, *spec.size, 3), np.uint8),
-                    "brightness": np.zeros(T - 1, np.float32), "motion": np.zeros(T - 1, np.float32),
-                    "end": end}
+    def window(start: int) -> dict:
         brightness, motion = np.asarray(stats, np.float32).T  # (T-1,) each
         return {"video": job["key"], "start": start, "frames": np.stack(frames), "brightness": brightness,
-                "motion": motion, "end": end}
+                "motion": motion, "end": ""}
 
     end: dict = {"frames": 0, "error": None}
     try:
@@ -239,7 +235,7 @@ def decode_rows(job: dict, spec: DecodeSpec) -> Iterator[dict]:
         end["source"] = {"width": info.width, "height": info.height, "fps": info.fps,
                          "duration": info.duration, "codec": info.codec, "crop": crop}
         n, next_start, last_start, level = 0, 0, 0, 0.0
-        for _, frame in video.iter_frames(path, spec.fps, spec.size, crop and tuple(crop)):
+        for _, frame in video.iter_frames(path, spec.fps, spec.size, crop):
             frame_level = float(frame.mean())
             if frames:
                 changed = (np.abs(frame.astype(np.int16) - frames[-1]) > MOTION_LEVEL).any(-1).mean()
@@ -247,18 +243,20 @@ def decode_rows(job: dict, spec: DecodeSpec) -> Iterator[dict]:
             frames.append(frame)
             level, n = frame_level, n + 1
             if n - T == next_start:  # frames next_start .. n-1 are in
-                yield row(next_start)
+                yield window(next_start)
                 last_start, next_start = next_start, next_start + spec.stride
         end["frames"] = n
         if n < T:
             raise video.VideoError(f"{path}: too short to label: {n} frame(s) at {spec.fps:g} fps, "
                                    f"the IDM needs windows of {T}")
         if last_start + T < n:
-            yield row(n - T)
+            yield window(n - T)
         end["sha256"] = file_sha256(path)
     except (video.VideoError, OSError) as e:
         end["error"] = str(e)
-    yield row(-1, json.dumps(end))
+    yield {"video": job["key"], "start": -1, "frames": np.zeros((T, *spec.size, 3), np.uint8),
+           "brightness": np.zeros(T - 1, np.float32), "motion": np.zeros(T - 1, np.float32),
+           "end": json.dumps(end)}
 
 
 # --- 4. Model stage: batches of windows -> probabilities -----------------------------------------
@@ -470,10 +468,12 @@ class LabelStore:
         return (done["size"], done["mtime_ns"]) == (job.size, job.mtime_ns)
 
     def clear(self, job: VideoJob) -> None:
-        """Remove what an earlier, unfinished or outdated labeling of this video left."""
-        for leftover in itertools.chain((self.root / "actions").glob(f"{job.key}-seg*"),
-                                        (self.root / "actions").glob(f".{job.key}-seg*.tmp")):
-            shutil.rmtree(leftover)
+        """Remove what an earlier, unfinished or outdated labeling of this video left: its
+        episodes and write_episode's staging directories (``.<video_id>.<pid>.<uuid>.tmp``)."""
+        ours = re.compile(rf"\.?{re.escape(job.key)}-seg\d+(\.\d+\.[0-9a-f]+\.tmp)?")
+        for leftover in (self.root / "actions").glob(f"*{job.key}-seg*"):
+            if ours.fullmatch(leftover.name):
+                shutil.rmtree(leftover)
         self.marker(job).unlink(missing_ok=True)
 
     def write(self, job: VideoJob, steps: Steps, end: dict) -> dict:
@@ -508,10 +508,10 @@ class LabelStore:
             self._write_steps(job, steps, reason)
         kept = reason == 0
         return {
-            "sha256": end["sha256"], "source": source, "frames": end["frames"], "steps": len(steps),
-            "seconds_in": len(steps) / self.fps, "seconds_kept": float(kept.sum()) / self.fps,
-            "dropped_seconds": {name: float((reason == i).sum()) / self.fps
-                                for i, name in enumerate(REASONS) if i > 0},
+            "sha256": end["sha256"], "source": source, "frames": end["frames"], "fps": self.fps,
+            "steps": len(steps), "steps_kept": int(kept.sum()),
+            "seconds_in": len(steps) / self.fps, "seconds_kept": int(kept.sum()) / self.fps,
+            "dropped_seconds": {name: int((reason == i).sum()) / self.fps for i, name in enumerate(REASONS) if i},
             "confidence_sum": float(steps.confidence.sum()),
             "confidence_sum_kept": float(steps.confidence[kept].sum()),
             "segments": segments,
@@ -528,23 +528,23 @@ class LabelStore:
         pq.write_table(table, tmp)
         tmp.replace(folder / f"{job.key}.parquet")
 
-    def summarize(self, problems: list[dict], run: dict) -> dict:
-        """Totals over every video done in this store (all runs, all shards); rewrites
-        summary.json and failures.jsonl."""
+    def write_summary(self, problems: list[dict], run: dict) -> dict:
+        """Totals over every video done in this store (all runs, all shards so far) into
+        summary.json; failures.jsonl: this run's input problems and every failed video."""
         done = [json.loads(f.read_text()) for f in sorted((self.root / "done").glob("*.json"))]
         labeled = [d for d in done if d["status"] == "labeled"]
         failed = [{"path": d["path"], "error": d["error"]} for d in done if d["status"] == "failed"]
         seconds_in = sum(d["seconds_in"] for d in labeled)
         seconds_kept = sum(d["seconds_kept"] for d in labeled)
-        steps_kept = sum(d["seconds_kept"] * self.fps for d in labeled)
         summary = {
             "videos_labeled": len(labeled), "videos_failed": len(failed), "input_problems": len(problems),
             "hours_in": seconds_in / 3600, "hours_kept": seconds_kept / 3600,
             "kept_share": seconds_kept / seconds_in if seconds_in else 0.0,
             "dropped_hours": {name: sum(d["dropped_seconds"][name] for d in labeled) / 3600
                               for name in REASONS[1:]},
-            "mean_confidence": sum(d["confidence_sum"] for d in labeled) / max(seconds_in * self.fps, 1),
-            "mean_confidence_kept": sum(d["confidence_sum_kept"] for d in labeled) / max(steps_kept, 1),
+            "mean_confidence": sum(d["confidence_sum"] for d in labeled) / max(sum(d["steps"] for d in labeled), 1),
+            "mean_confidence_kept": (sum(d["confidence_sum_kept"] for d in labeled)
+                                     / max(sum(d["steps_kept"] for d in labeled), 1)),
             "segments": sum(len(d["segments"]) for d in labeled),
             "chunks": sum(s["chunks"] for d in labeled for s in d["segments"]),
             "confidence_threshold": self.threshold, "idm": self.model, "config": asdict(self.config),
@@ -578,18 +578,22 @@ def label(inputs: list[Path], run_dir: Path, out: Path, config: LabelConfig | No
     Returns the summary (also in ``out/summary.json``). Videos already done are skipped.
     """
     config = config or LabelConfig()
-    began = time.time()
     model, model_info = load_idm(run_dir, config.device)
     threshold = config.min_confidence
     if threshold is None:
         calibration = idm.load_calibration(run_dir)
-        if calibration is None or calibration.get("confidence_threshold") is None:
+        if calibration is None:
             raise ValueError(f"{run_dir}: no calibrated confidence threshold; run `walkthrough eval-idm` "
                              f"on it first, or pass --min-confidence")
+        if calibration["confidence_threshold"] is None:
+            raise ValueError(f"{run_dir}: no confidence threshold reached precision "
+                             f"{calibration['target_precision']} in eval-idm; recalibrate with a lower "
+                             f"--target-precision, or pass --min-confidence")
         threshold = float(calibration["confidence_threshold"])
     spec = DecodeSpec.for_model(model.config, config)
     store = LabelStore(Path(out), config, spec.fps, threshold, model_info)
 
+    began = time.time()
     paths, problems = find_videos(inputs)
     i, n = shard_index(config.shard)
     jobs = [VideoJob.for_path(p) for p in paths[i::n]]
@@ -613,7 +617,7 @@ def label(inputs: list[Path], run_dir: Path, out: Path, config: LabelConfig | No
     run = {"videos": len(jobs), "skipped_done": len(jobs) - len(todo), "labeled_now": len(todo),
            "frames_decoded": frames, "seconds": seconds, "frames_per_second": frames / seconds,
            "shard": config.shard, "backend": config.backend}
-    return store.summarize(problems, run)
+    return store.write_summary(problems, run)
 
 
 def _local_rows(model: idm.IDM, jobs: list[VideoJob], spec: DecodeSpec, config: LabelConfig) -> Iterator[dict]:
@@ -666,49 +670,40 @@ def grade(labels: Path, truth: Path, tolerance: int = 1) -> dict:
     F1, per-button precision/recall, ...) over the steps whose source video is in ``truth``, plus
     the hours they cover.
     """
-    from walkthrough.chunks import ChunkStore
-    from walkthrough.metrics import summarize
-
-    true_by_video = {e.video.resolve(): e for e in ChunkStore(truth) if e.video is not None}
-
-    class Part:
-        def __init__(self) -> None:
-            self.pred, self.true, self.confidence, self.segment, self.seconds = [], [], [], [], 0.0
-
-        def add(self, source: Path, times: np.ndarray, pred: np.ndarray, confidence: np.ndarray,
-                fps: float) -> None:
-            true, valid = true_by_video[source].actions_at(times, 1.0 / fps)
-            self.pred.append(pred[valid])
-            self.true.append(true[valid])
-            self.confidence.append(confidence[valid])
-            self.segment.append(np.full(int(valid.sum()), len(self.segment)))  # no event spans two
-            self.seconds += valid.sum() / fps
-
-        def score(self) -> dict:
-            if not self.pred:
-                return {"steps": 0, "hours": 0.0}
-            pred, true, confidence, segment = (np.concatenate(v) for v in
-                                               (self.pred, self.true, self.confidence, self.segment))
-            return {"hours": self.seconds / 3600, **summarize(pred, true, segment, confidence, tolerance)}
-
-    before, after = Part(), Part()
-    for done_file in sorted((Path(labels) / "done").glob("*.json")):
-        done = json.loads(done_file.read_text())
-        steps_file = Path(labels) / "steps" / f"{done['key']}.parquet"
-        if done["status"] != "labeled" or Path(done["path"]) not in true_by_video or not steps_file.exists():
-            continue
-        table = pq.read_table(steps_file)
-        fps = done["steps"] / done["seconds_in"]
-        before.add(Path(done["path"]), table.column("time").to_numpy(), A.from_table(table),
-                   table.column("confidence").to_numpy(), fps)
-    if not before.pred:
-        raise ValueError(f"no labeled video of {labels} is a video of {truth} (or steps/ was not saved)")
-    if (Path(labels) / "actions").is_dir():
-        for episode in ChunkStore(labels):
-            source = Path(episode.info["source_video"]["path"])
-            if source in true_by_video:
-                after.add(source, episode.times, episode.actions, episode.column("confidence"),
-                          episode.info["action_fps"])
-    graded = {"before": before.score(), "after": after.score()}
+    labels = Path(labels)
+    truth_of = {e.video.resolve(): e for e in chunks.ChunkStore(truth) if e.video is not None}
+    before, after = [], []
+    for file in sorted((labels / "done").glob("*.json")):
+        done = json.loads(file.read_text())
+        steps_file = labels / "steps" / f"{done['key']}.parquet"
+        if done["status"] == "labeled" and Path(done["path"]) in truth_of and steps_file.exists():
+            table = pq.read_table(steps_file)
+            before.append(_paired(truth_of[Path(done["path"])], table.column("time").to_numpy(),
+                                  A.from_table(table), table.column("confidence").to_numpy(), done["fps"]))
+    if not before:
+        raise ValueError(f"no video labeled in {labels} (with its steps/ file) is a video of {truth}")
+    for episode in chunks.ChunkStore(labels) if (labels / "actions").is_dir() else []:
+        source = Path(episode.info["source_video"]["path"])
+        if source in truth_of:
+            after.append(_paired(truth_of[source], episode.times, episode.actions, episode.column("confidence"),
+                                 episode.info["action_fps"]))
+    graded = {"before": _score(before, tolerance), "after": _score(after, tolerance)}
     graded["hours_in"], graded["hours_kept"] = graded["before"]["hours"], graded["after"]["hours"]
     return graded
+
+
+def _paired(truth: chunks.Episode, times: np.ndarray, pred: np.ndarray, confidence: np.ndarray,
+            fps: float) -> dict[str, np.ndarray]:
+    """Labeled steps at ``times`` with the true actions of the same time spans (where known)."""
+    true, known = truth.actions_at(times, 1.0 / fps)
+    return {"pred": pred[known], "true": true[known], "confidence": confidence[known],
+            "seconds": np.full(int(known.sum()), 1.0 / fps)}
+
+
+def _score(stretches: list[dict[str, np.ndarray]], tolerance: int) -> dict:
+    if not stretches:
+        return {"steps": 0, "hours": 0.0}
+    pred, true, confidence, seconds = (np.concatenate([s[k] for s in stretches])
+                                       for k in ("pred", "true", "confidence", "seconds"))
+    segment = np.concatenate([np.full(len(s["pred"]), i) for i, s in enumerate(stretches)])  # no event spans two
+    return {"hours": float(seconds.sum()) / 3600, **summarize(pred, true, segment, confidence, tolerance)}

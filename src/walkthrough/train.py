@@ -76,11 +76,15 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True  # colour jitter + a small shift, the same for every frame of a window
     budget_minutes: float | None = None  # training time that ends the run; the schedule follows it
+    clock: str = "wall"  # what training time means: "wall" seconds, or this process's "cpu" seconds
+    # ("cpu" keeps runs comparable on a shared machine; use it with 1 thread and num_workers=0)
     max_minutes: float | None = None  # this session's wall time: checkpoint, stop, --resume later
 
     def __post_init__(self) -> None:
         if self.schedule not in ("wsd", "cosine"):
             raise ValueError(f"schedule must be 'wsd' or 'cosine', got {self.schedule!r}")
+        if self.clock not in ("wall", "cpu"):
+            raise ValueError(f"clock must be 'wall' or 'cpu', got {self.clock!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
 
@@ -392,6 +396,7 @@ def train(model: nn.Module, train_cfg: TrainConfig, train_set: Dataset, val_set:
             log.write(step, "val", run_validation(ema if ema is not None else model, val_batches,
                                                   evaluate, env.device, cfg.bf16))
 
+    clock = time.process_time if cfg.clock == "cpu" else time.perf_counter
     session_start = time.perf_counter()
     budget = cfg.budget_minutes * 60 if cfg.budget_minutes else math.inf
     progress = max(step / cfg.steps, train_seconds / budget)
@@ -399,7 +404,7 @@ def train(model: nn.Module, train_cfg: TrainConfig, train_set: Dataset, val_set:
     log = RunLog(out, env.main, progress, step)
     model.train()
     while not finished:
-        t0 = time.perf_counter()
+        t0 = clock()
         lr = cfg.lr * lr_factor(cfg, step, progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -414,7 +419,7 @@ def train(model: nn.Module, train_cfg: TrainConfig, train_set: Dataset, val_set:
             update_ema(ema, model, cfg.ema_decay, step)
         step += 1
         # Validation and checkpoints do not count as training time: the budget buys steps.
-        seconds, session = env.share([time.perf_counter() - t0, time.perf_counter() - session_start])
+        seconds, session = env.share([clock() - t0, time.perf_counter() - session_start])
         train_seconds += seconds
         progress = max(step / cfg.steps, train_seconds / budget)
         finished = progress >= 1.0
