@@ -67,7 +67,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round and path")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="preload,stream")
+    parser.add_argument("--threads", type=int, help="torch threads of the training process")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     data = args.data
     if data is None:

@@ -138,7 +138,9 @@ def trained(recorded, tmp_path_factory):
 def test_train_idm_writes_a_run_validated_on_held_out_episodes(trained, recorded):
     saved = json.loads((trained / "config.json").read_text())
     assert saved["model_type"] == "idm" and saved["step"] == 4 and saved["model"]["frames"] == 3
-    assert saved["data"]["sources"] == [str(recorded.resolve())] and len(saved["data"]["val_episodes"]) == 1
+    assert saved["data"]["sources"] == [str(recorded.resolve())] and saved["data"]["val_episodes"] == 1
+    split = json.loads((trained / "split.json").read_text())
+    assert len(split["train"]) == 3 and len(split["val"]) == 1 and not set(split["train"]) & set(split["val"])
     val = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()
            if '"val"' in line]
     assert [v["step"] for v in val] == [2, 4] and all("event_f1" in v for v in val)
@@ -154,7 +156,7 @@ def test_eval_idm_reports_baselines_plots_and_calibrates(trained, recorded, tmp_
                                  "--out", str(tmp_path), "--target-precision", "0.5"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["split"] == "val" and len(report["episodes"]) == 1
+    assert report["split"] == "held-out" and len(report["episodes"]) == 1
     assert set(report["overall"]) == {"idm", "repeat_previous", "always_idle"}
     game = next(iter(report["per_game"].values()))
     assert set(game) >= {"idm", "repeat_previous", "always_idle"} and "event_f1" in game["idm"]

@@ -125,6 +125,8 @@ def test_broken_inputs_are_listed_and_the_rest_is_labeled(idm_run, walkthroughs,
     for name, error in failures.items():
         assert name in error  # every message names its file
     assert [e.video for e in ChunkStore(out)] == [good.resolve()]
+    nothing = run_label([bad / "empty_dir"], idm_run, tmp_path / "nothing")
+    assert nothing["input_problems"] == 1 and nothing["videos_labeled"] == 0
 
 
 def splice(source: Path, path: Path) -> list[tuple[float, float, str]]:

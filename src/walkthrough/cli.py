@@ -115,12 +115,14 @@ def train_policy(
     ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=1.0, help="0 disables EMA."),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Colour jitter and small shifts."),
+    preload: bool = typer.Option(True, "--preload/--stream", help="Decode all frames into RAM once, or windows on demand."),
     eval_every: int = typer.Option(500, "--eval-every", min=1),
     ckpt_every: int = typer.Option(500, "--ckpt-every", min=1),
     log_every: int = typer.Option(50, "--log-every", min=1),
     num_workers: int = typer.Option(1, "--num-workers", min=0),
     seed: int = typer.Option(0, "--seed"),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Stop after this much training time (the schedule follows it)."),
+    clock: str = typer.Option("wall", "--clock", help="wall | cpu: what --budget-minutes counts (cpu: this process's CPU time, fair on a shared machine)."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Checkpoint and stop this session after this long; --resume continues."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
 ) -> None:
@@ -142,11 +144,11 @@ def train_policy(
                                 schedule=schedule, ema_decay=ema_decay, bf16=bf16, augment=augment,
                                 eval_every=eval_every, ckpt_every=ckpt_every, log_every=log_every,
                                 num_workers=num_workers, seed=seed, budget_minutes=budget_minutes,
-                                max_minutes=max_minutes)
+                                clock=clock, max_minutes=max_minutes)
         sources = [policy.Source.parse(d) for d in data]
         policy.train_policy(sources, out, config, train_cfg, val_fraction=val_fraction,
                             use_confidence=not no_confidence_weighting,
-                            vision_pretrained=vision_pretrained, resume=resume)
+                            vision_pretrained=vision_pretrained, preload=preload, resume=resume)
     except (ValueError, OSError, VideoError) as e:
         fail(str(e))
 
@@ -232,7 +234,7 @@ def label(
     ckpt: Path = typer.Option(..., "--ckpt", help="IDM run directory (from train-idm)."),
     out: Path = typer.Option(..., "--out", help="Output chunk store of pseudo-labels (a rerun resumes it)."),
     min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="Confidence threshold [default: the one eval-idm calibrated]."),
-    low_confidence_seconds: Optional[float] = typer.Option(None, "--low-confidence-seconds", help="Drop low-confidence stretches at least this long [default: 0, every step]."),
+    low_confidence_seconds: Optional[float] = typer.Option(None, "--low-confidence-seconds", help="Drop low-confidence stretches at least this long (0: every step) [default: 0.2]."),
     idle_seconds: Optional[float] = typer.Option(None, "--idle-seconds", help="Drop stretches with no predicted input this long [default: 3]."),
     static_motion: Optional[float] = typer.Option(None, "--static-motion", help="Share of changing pixels below which a step is static [default: 0.001]."),
     static_seconds: Optional[float] = typer.Option(None, "--static-seconds", help="Drop static stretches this long [default: 1]."),
@@ -307,11 +309,11 @@ def train_idm(
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="End after this much training time instead (the schedule follows it)."),
     clock: str = typer.Option("wall", "--clock", help="wall | cpu: what --budget-minutes counts (cpu: this process's CPU time, fair on a shared machine with 1 thread and --num-workers 0)."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Checkpoint and stop this session after this long; --resume continues."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Global batch (split over DDP ranks)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Global batch (split over DDP ranks)."),
     lr: float = typer.Option(1e-3, "--lr"),
-    warmup_steps: int = typer.Option(100, "--warmup-steps", min=0),
+    warmup_steps: int = typer.Option(50, "--warmup-steps", min=0),
     schedule: str = typer.Option("wsd", "--schedule", help="wsd | cosine"),
-    ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=1.0, help="0 disables EMA."),
+    ema_decay: float = typer.Option(0.995, "--ema-decay", min=0.0, max=1.0, help="0 disables EMA (0.995 suits CPU runs of a few thousand steps)."),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast (CPU too)."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Colour jitter and small shifts, the same for a whole window."),
     preload: Optional[bool] = typer.Option(None, "--preload/--stream", help="Decode all frames into RAM once, or windows on demand (default: preload when it fits in 1/4 of RAM)."),
@@ -350,7 +352,7 @@ def eval_idm(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run directory written by train-idm."),
     data: Optional[list[Path]] = typer.Option(None, "--data", help="Chunk store(s) with true actions (default: the run's training data)."),
     out: Path = typer.Option(..., "--out", help="Directory for report.json and the plots."),
-    split: str = typer.Option("val", "--split", help="val: the run's held-out episodes | all: every episode (e.g. unseen games)."),
+    split: str = typer.Option("held-out", "--split", help="held-out: episodes the run did not train on | all: every episode."),
     target_precision: float = typer.Option(0.95, "--target-precision", min=0.0, max=1.0, help="Precision the confidence threshold must reach."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Write the threshold to RUN/calibration.json for the labeler."),
     raw: bool = typer.Option(False, "--raw", help="Evaluate the raw weights instead of the EMA."),
@@ -374,15 +376,15 @@ def eval_idm(
                                        ema=not raw, max_seconds=max_seconds, calibrate=calibrate)
     except (ValueError, OSError, VideoError) as e:
         fail(str(e))
-    table = Table(title=f"IDM step {report['step']} on {len(report['episodes'])} episodes ({split})")
-    table.add_column("game")
-    table.add_column("steps", justify="right")
-    for name in evaluate.PREDICTORS:
-        table.add_column(f"{name}\nevent F1 / step acc", justify="right")
+    table = Table(title=f"IDM step {report['step']} on {len(report['episodes'])} episodes ({split}): "
+                        f"idm / repeat_previous / always_idle")
+    for column in ("game", "steps", "event F1 (+-1 step)", "exact-onset F1", "step accuracy"):
+        table.add_column(column, justify="right")
     games = {**report["per_game"], "all": {"steps": report["steps"], **report["overall"]}}
     for game, scores in games.items():
-        table.add_row(game, str(scores["steps"]), *(f"{scores[p]['event_f1']:.3f} / {scores[p]['step_accuracy']:.3f}"
-                                                   for p in evaluate.PREDICTORS))
+        table.add_row(game, str(scores["steps"]), *(
+            " / ".join(f"{scores[p][metric]:.3f}" for p in evaluate.PREDICTORS)
+            for metric in ("event_f1", "exact_onset_f1", "step_accuracy")))
     Console().print(table)
     sel = report["selective"]
     threshold = "none reaches it" if sel["threshold"] is None else (

@@ -136,9 +136,12 @@ def run_demo(out: Path, config: DemoConfig) -> dict:
               *fallback_threshold(evals / "idm-heldout" / "report.json"))
 
     # 5. three policies, the same budget each, then closed-loop play in every game
+    kept_any = any((labels / "actions").glob("*/*/metadata.json"))
+    if not kept_any:
+        console.print("[yellow]the filters kept no pseudo-label: labeled+pseudo trains on the labeled set alone")
     mixtures = {
         "labeled-only": [labeled],
-        "labeled+pseudo": [labeled, labels],
+        "labeled+pseudo": [labeled, labels] if kept_any else [labeled],
         "oracle": [labeled, walk],
     }
     for name, sources in mixtures.items():

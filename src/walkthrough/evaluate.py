@@ -9,11 +9,12 @@
       -> EVAL/report.json, EVAL/*.png, and RUN/calibration.json for the labeler
 
 The threshold is chosen on the data evaluated here, so evaluate on held-out episodes of the
-games you will label (``--split val``, the default, picks the run's own held-out episodes).
+games you will label (the default, ``--split held-out``, skips every episode the run trained on).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import numpy as np
 from walkthrough import actions as A
 from walkthrough import metrics as M
 from walkthrough.chunks import ChunkStore, StoreError, write_json_atomic
-from walkthrough.idm import CALIBRATION_FILE, Labelled, label_episode
+from walkthrough.idm import CALIBRATION_FILE, SPLIT_FILE, Labelled, label_episode
 from walkthrough.train import load_model, read_run_config
 
 HEADLINE = ("event_f1", "exact_onset_f1", "button_f1", "button_accuracy", "step_accuracy",
@@ -141,28 +142,28 @@ def json_ready(value):
     return value
 
 
-def evaluate_run(run_dir: Path, sources: list[Path], out: Path, split: str = "val",
+def evaluate_run(run_dir: Path, sources: list[Path], out: Path, split: str = "held-out",
                  target_precision: float = 0.95, ema: bool = True, max_seconds: float | None = None,
                  calibrate: bool = True) -> dict:
     """Evaluate the IDM of ``run_dir`` on ``sources``; write ``out/report.json`` and plots, and
     (``calibrate``) the confidence threshold for ``target_precision`` to ``run_dir/calibration.json``.
 
-    ``split="val"``: only the run's held-out episodes (by video id) found in ``sources``;
-    ``"all"``: every episode (e.g. games the run never saw). ``max_seconds`` caps each episode.
+    ``split="held-out"``: every episode of ``sources`` the run did not train on (its held-out
+    split when ``sources`` is its training data); ``"all"``: every episode. ``max_seconds`` caps
+    each episode.
     """
-    if split not in ("val", "all"):
-        raise ValueError(f"split must be 'val' or 'all', got {split!r}")
+    if split not in ("held-out", "all"):
+        raise ValueError(f"split must be 'held-out' or 'all', got {split!r}")
     saved = read_run_config(run_dir)
     if saved["model_type"] != "idm":
         raise ValueError(f"{run_dir}: holds a {saved['model_type']} model, not an IDM")
     model = load_model(run_dir, ema=ema)
     episodes = [e for e in ChunkStore(sources).episodes if e.video is not None]
-    if split == "val":
-        held_out = set(saved["data"].get("val_episodes", []))
-        episodes = [e for e in episodes if e.video_id in held_out]
+    if split == "held-out":
+        trained_on = set(json.loads((Path(run_dir) / SPLIT_FILE).read_text())["train"])
+        episodes = [e for e in episodes if e.video_id not in trained_on]
         if not episodes:
-            raise StoreError(f"none of the run's held-out episodes is in {', '.join(map(str, sources))}; "
-                             f"pass the training data, or --split all for other data")
+            raise StoreError(f"{', '.join(map(str, sources))}: the run trained on every episode here")
     if not episodes:
         raise StoreError(f"{', '.join(map(str, sources))}: no episode has its video file")
     rows = Labelled.concat([label_episode(model, e, max_seconds=max_seconds) for e in episodes])

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from walkthrough import actions as A
-from walkthrough.chunks import ChunkStore, Episode, StoreError
-from walkthrough.dataset import WindowDataset, WindowSpec, action_stats, decode_episode, split_episodes
-from walkthrough.metrics import STICK_BINS, STICK_CENTRES, summarize
+from walkthrough.chunks import ChunkStore, Episode, StoreError, write_json_atomic
+from walkthrough.dataset import WindowDataset, WindowSpec, decode_episode, split_episodes
+from walkthrough.metrics import STICK_BINS, STICK_CENTRES, stick_bin, summarize
 from walkthrough.train import (CONFIG_FILE, TrainConfig, console, read_run_config, register, resumed_config,
                               train)
 
@@ -75,9 +75,9 @@ class IDMConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # ~0.5M parameters: ~1,000 windows/s of training on 2 CPU cores.
+    # 0.8M parameters: ~100 windows (T=4) per CPU-second of training on one thread.
     "cpu": dict(size=(64, 64), channels=(16, 32, 32), dim=128, depth=2, heads=4),
-    # ~25M parameters for a GPU node: 128 px, a wide 4-stage ResNet, 6 transformer layers.
+    # 26M parameters for GPU nodes: 128 px as VPT, a wide 4-stage ResNet, 6 transformer layers.
     "gpu": dict(size=(128, 128), channels=(64, 128, 128, 128), dim=512, depth=6, heads=8),
 }
 
@@ -378,6 +378,43 @@ def preload_fits(episodes: list[Episode], config: IDMConfig, share_of_ram: float
     return frames * config.size[0] * config.size[1] * 3 < share_of_ram * ram
 
 
+def start_at_marginals(model: IDM, episodes: list[Episode]) -> None:
+    """Start every head at the data's marginal: each button's sigmoid at its press rate and each
+    stick axis at its bins' frequencies, instead of 0.5 and uniform. Buttons and stick bins that
+    a game never uses then cost nothing from step 0, and learning goes to what can be seen."""
+    rows = np.concatenate([e.actions for e in episodes])  # (N, 21) every labelled row
+    press = np.clip(rows[:, :A.NUM_BUTTONS].mean(0), 1e-4, 1 - 1e-4)
+    bins = stick_bin(rows[:, A.NUM_BUTTONS:])  # (N, 4)
+    freq = np.stack([np.bincount(bins[:, a], minlength=STICK_BINS) for a in range(A.NUM_AXES)]) + 1.0
+    freq /= freq.sum(-1, keepdims=True)  # (4, 11), add-one smoothed
+    with torch.no_grad():
+        bias = model.head[-1].bias
+        bias[:A.NUM_BUTTONS] = torch.as_tensor(np.log(press / (1 - press)), dtype=torch.float32)
+        bias[A.NUM_BUTTONS:] = torch.as_tensor(np.log(freq).reshape(-1), dtype=torch.float32)
+
+
+SPLIT_FILE = "split.json"
+
+
+def run_split(out: Path, episodes: list[Episode], val_fraction: float, seed: int) -> tuple[list[Episode], list[Episode]]:
+    """The run's (training, held-out) episodes: drawn by ``split_episodes`` when the run starts and
+    kept in ``RUN/split.json``, so a resumed run and ``eval-idm`` use exactly the same ones."""
+    file = Path(out) / SPLIT_FILE
+    if (Path(out) / CONFIG_FILE).exists() and file.exists():
+        saved = json.loads(file.read_text())
+        by_id = {e.video_id: e for e in episodes}
+        missing = [i for i in saved["train"] + saved["val"] if i not in by_id]
+        if missing:
+            raise StoreError(f"{out}: {len(missing)} episode(s) of the run are not in the data, "
+                             f"e.g. {missing[0]}")
+        return [by_id[i] for i in saved["train"]], [by_id[i] for i in saved["val"]]
+    train_eps, val_eps = split_episodes(episodes, val_fraction, seed)
+    if int(os.environ.get("RANK", 0)) == 0 and not (Path(out) / CONFIG_FILE).exists():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(file, {"train": [e.video_id for e in train_eps], "val": [e.video_id for e in val_eps]})
+    return train_eps, val_eps
+
+
 def train_idm(sources: list[Path] | None, out: Path, model_cfg: IDMConfig | None = None,
               train_cfg: TrainConfig | None = None, val_fraction: float = 0.1, resume: bool = False,
               preload: bool | None = None) -> Path:
@@ -403,32 +440,23 @@ def train_idm(sources: list[Path] | None, out: Path, model_cfg: IDMConfig | None
     episodes = [e for e in store.episodes if e.video is not None]
     if not episodes:
         raise StoreError(f"{', '.join(map(str, sources))}: no episode has its video file")
-    train_eps, val_eps = split_episodes(episodes, val_fraction, seed=train_cfg.seed)
+    train_eps, val_eps = run_split(out, episodes, val_fraction, train_cfg.seed)
     spec = WindowSpec(model_cfg.frames, model_cfg.frames - 1, model_cfg.fps, model_cfg.size)
     preload = preload_fits(episodes, model_cfg) if preload is None else preload
     train_set = WindowDataset(train_eps, spec, preload=preload)
     val_set = WindowDataset(val_eps, spec, preload=preload) if val_eps else None
     torch.manual_seed(train_cfg.seed)
     model = IDM(model_cfg)
-    press_rate = action_stats(train_set)
-    log_prior_bias(model, np.array([press_rate[b] for b in A.BUTTONS]))
+    start_at_marginals(model, train_eps)
     data = {"sources": [str(Path(s).resolve()) for s in sources], "val_fraction": val_fraction,
             "split_seed": train_cfg.seed, "games": sorted({e.game for e in episodes}),
-            "train_episodes": len(train_eps), "train_windows": len(train_set),
-            "val_episodes": [e.video_id for e in val_eps], "preload": preload}
+            "train_episodes": len(train_eps), "val_episodes": len(val_eps), "train_windows": len(train_set),
+            "preload": preload}
     console.print(f"{describe(model)}; {len(train_eps)} training episodes ({len(train_set)} windows), "
                   f"{len(val_eps)} held out", highlight=False)
     evaluate = validation_metrics(val_eps, model_cfg) if val_eps else None
     return train(model, train_cfg, train_set, val_set, out, resume=resume, evaluate=evaluate,
                  model_type="idm", data=data)
-
-
-def log_prior_bias(model: IDM, press_rate: np.ndarray) -> None:
-    """Start each button's sigmoid at its press rate in the data instead of 0.5: rare buttons then
-    cost nothing at step 0, and the first updates go to the buttons that are actually used."""
-    rate = np.clip(np.asarray(press_rate, np.float64), 1e-4, 1 - 1e-4)
-    with torch.no_grad():
-        model.head[-1].bias[:A.NUM_BUTTONS] = torch.as_tensor(np.log(rate / (1 - rate)), dtype=torch.float32)
 
 
 register("idm", IDMConfig, IDM)

@@ -67,7 +67,7 @@ class LabelConfig:
     bf16: bool = False  # bfloat16 autocast for the IDM: faster on GPUs and CPUs with AMX
     # filters: a stretch is dropped when its condition holds for at least the given seconds
     min_confidence: float | None = None  # None: the threshold `walkthrough eval-idm` calibrated
-    low_confidence_seconds: float = 0.0  # 0: every step below the threshold is dropped
+    low_confidence_seconds: float = 0.2  # brief dips (a press's onset) stay, with their low weight
     idle_seconds: float = 3.0  # no predicted input (no button, sticks centred)
     static_motion: float = 0.001  # share of pixels that change, below which a step is static
     static_seconds: float = 1.0
@@ -592,6 +592,7 @@ def label(inputs: list[Path], run_dir: Path, out: Path, config: LabelConfig | No
         threshold = float(calibration["confidence_threshold"])
     spec = DecodeSpec.for_model(model.config, config)
     store = LabelStore(Path(out), config, spec.fps, threshold, model_info)
+    store.root.mkdir(parents=True, exist_ok=True)
 
     began = time.time()
     paths, problems = find_videos(inputs)

@@ -134,6 +134,15 @@ def patchify(frames: Tensor, patch: int) -> Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // patch) * (W // patch), patch * patch * C)
 
 
+def sincos_2d(side: int, dim: int) -> Tensor:
+    """A (side * side, dim) 2D sine-cosine position table (as in MAE), rows in patch order."""
+    quarter = dim // 4
+    freqs = 1.0 / 10_000 ** (torch.arange(quarter) / quarter)  # (dim/4,)
+    y, x = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    y, x = y.reshape(-1, 1) * freqs, x.reshape(-1, 1) * freqs  # (side*side, dim/4) each
+    return torch.cat([torch.sin(y), torch.cos(y), torch.sin(x), torch.cos(x)], dim=1)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
@@ -223,14 +232,20 @@ class Policy(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(D, config.heads, config.mlp_ratio, cross=(i % 2 == 0)) for i in range(config.dit_layers))
         self.final = FinalLayer(D, A.ACTION_DIM)
-        self._init_head()
+        self._init_weights()
         if config.freeze_vision:
             self.vision.requires_grad_(False)
 
-    def _init_head(self) -> None:
-        # DiT's init: Xavier linears, small position embeddings, and adaLN-Zero: every block and the
-        # output start as the identity / zero, so training begins from a stable, small network.
-        # (The SigLIP 2 encoder keeps its own init, or its pretrained weights.)
+    def _init_weights(self) -> None:
+        # SigLIP 2's own init draws its position table from N(0, 1/D): ~10x weaker than a patch's
+        # content, so a model trained from scratch barely knows where a patch is and the action head
+        # never learns where the ball is. Start it as 2D sine-cosine (MAE's fixed table) instead.
+        # (Pretrained weights replace all of this; see ``with_pretrained_vision``.)
+        table = self.vision.embeddings.position_embedding.weight
+        with torch.no_grad():
+            table.copy_(sincos_2d(math.isqrt(table.shape[0]), table.shape[1]))
+        # The head: DiT's init: Xavier linears, small position embeddings, and adaLN-Zero: every block
+        # and the output start as the identity / zero, so training begins from a stable, small network.
         for module in [self.vision_proj, self.neck, self.action_in, self.time_mlp, self.blocks, self.final]:
             for m in module.modules():
                 if isinstance(m, nn.Linear):
@@ -401,7 +416,7 @@ class PolicyDataset(Dataset):
         rng = np.random.default_rng(seed)
         items = []  # (source, window) per item
         for s, (windows, n) in enumerate(zip(self.sets, counts)):
-            cycles = -(-n // len(windows))  # ceil
+            cycles = max(1, -(-n // len(windows)))  # ceil
             order = np.concatenate([rng.permutation(len(windows)) for _ in range(cycles)])[:n]
             items.append(np.stack([np.full(n, s), order], axis=1))
         self.items = np.concatenate(items)  # (N, 2)
