@@ -127,7 +127,7 @@ def run_demo(out: Path, config: DemoConfig) -> dict:
               "--frames", config.idm_frames, "--fps", config.fps, "--budget-minutes", config.idm_minutes,
               "--val-fraction", 0.2, "--eval-every", 100_000, "--seed", seed)
     stage.run("evaluate + calibrate the IDM (held-out labeled episodes)", "eval-idm", "--ckpt", idm_run,
-              "--data", labeled, "--split", "val", "--out", evals / "idm-heldout")
+              "--data", labeled, "--split", "held-out", "--out", evals / "idm-heldout")
     stage.run("evaluate the IDM on the walkthroughs (hidden truth)", "eval-idm", "--ckpt", idm_run,
               "--data", walk, "--split", "all", "--no-calibrate", "--out", evals / "idm-walkthroughs")
 
