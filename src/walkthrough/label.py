@@ -622,9 +622,13 @@ def label(inputs: list[Path], run_dir: Path, out: Path, config: LabelConfig | No
 
 
 def _local_rows(model: idm.IDM, jobs: list[VideoJob], spec: DecodeSpec, config: LabelConfig) -> Iterator[dict]:
-    """Decode in a thread, predict here: the predicted rows, in order."""
-    windows = (row for job in jobs for row in decode_rows(asdict(job), spec))
-    for batch in prefetch(batch_rows(windows, config.batch_size), config.prefetch):
+    """Decode in a thread, predict here: the predicted rows, in order.
+
+    Batches never mix videos, so a video's labels do not depend on what was labeled before it
+    (a resumed run writes the very bytes an uninterrupted one does).
+    """
+    batches = (batch for job in jobs for batch in batch_rows(decode_rows(asdict(job), spec), config.batch_size))
+    for batch in prefetch(batches, config.prefetch):
         yield from unbatch(predict_batch(model, batch, config.bf16))
 
 

@@ -277,6 +277,11 @@ class Distributed:
         return t.tolist()
 
 
+def main_process() -> bool:
+    """True on DDP rank 0, or without DDP: the process that writes files and prints."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 class LossOf(nn.Module):
     """``model.loss`` as ``forward``, so DDP's gradient hooks see it."""
 
