@@ -3,7 +3,8 @@
     python benchmarks/bench_idm_train.py [--data DATA] [--frames 4] [--size 64] [--workers 1]
 
 Both paths run the training loop's step (bf16 autocast, AdamW, clipping) on the same model;
-the loader path also draws, decodes (or indexes) and augments windows in its worker processes.
+the loader path also draws, decodes (or indexes) and augments windows in its worker processes,
+which get their own cores: the training process uses the rest (``--threads`` overrides).
 Two loader modes: ``preload`` (episodes decoded into RAM once, what `train-idm` picks when it
 fits) and ``stream`` (each window decoded from the video on demand). Rounds alternate between
 the paths, so load from other jobs on the machine hits both alike; medians are reported.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import tempfile
@@ -67,10 +69,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round and path")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="preload,stream")
-    parser.add_argument("--threads", type=int, help="torch threads of the training process")
+    parser.add_argument("--threads", type=int, help="torch threads of the training process "
+                        "(default: the cores the workers leave free)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - args.workers))
 
     data = args.data
     if data is None:

@@ -9,7 +9,7 @@ import pytest
 from walkthrough import actions as A
 from walkthrough import metrics as M
 
-SOUTH, LEFT, X = A.BUTTON_INDEX["south"], A.BUTTON_INDEX["dpad_left"], A.NUM_BUTTONS  # X: j_left_x
+SOUTH, X = A.BUTTON_INDEX["south"], A.NUM_BUTTONS  # X: j_left_x
 
 
 def presses(column: int, pattern: list[int]) -> np.ndarray:

@@ -320,7 +320,7 @@ def train_idm(
     eval_every: int = typer.Option(500, "--eval-every", min=1),
     ckpt_every: int = typer.Option(500, "--ckpt-every", min=1),
     log_every: int = typer.Option(50, "--log-every", min=1),
-    num_workers: int = typer.Option(1, "--num-workers", min=0, help="Data loader worker processes."),
+    num_workers: int = typer.Option(0, "--num-workers", min=0, help="Data loader worker processes: 0 loads in the training process, best on a few CPU cores with preloaded data; streaming from video wants ~1 worker per 100 windows/s."),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (its saved settings; --max-minutes and --num-workers may change)."),
 ) -> None:

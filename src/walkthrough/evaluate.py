@@ -87,7 +87,7 @@ def plot_button_f1(report: dict, file: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("F1")
     ax.set_title("per-button F1 (bars: per frame; ticks: press onsets within +-1 step)")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)
@@ -160,6 +160,8 @@ def evaluate_run(run_dir: Path, sources: list[Path], out: Path, split: str = "he
     model = load_model(run_dir, ema=ema)
     episodes = [e for e in ChunkStore(sources).episodes if e.video is not None]
     if split == "held-out":
+        if not (Path(run_dir) / SPLIT_FILE).exists():
+            raise StoreError(f"{run_dir}: no {SPLIT_FILE} says which episodes it trained on; use --split all")
         trained_on = set(json.loads((Path(run_dir) / SPLIT_FILE).read_text())["train"])
         episodes = [e for e in episodes if e.video_id not in trained_on]
         if not episodes:

@@ -399,7 +399,8 @@ def start_at_marginals(model: IDM, episodes: list[Episode]) -> None:
 SPLIT_FILE = "split.json"
 
 
-def run_split(out: Path, episodes: list[Episode], val_fraction: float, seed: int) -> tuple[list[Episode], list[Episode]]:
+def run_split(out: Path, episodes: list[Episode], val_fraction: float,
+              seed: int) -> tuple[list[Episode], list[Episode]]:
     """The run's (training, held-out) episodes: drawn by ``split_episodes`` when the run starts and
     kept in ``RUN/split.json``, so a resumed run and ``eval-idm`` use exactly the same ones."""
     file = Path(out) / SPLIT_FILE
