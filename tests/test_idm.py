@@ -13,15 +13,6 @@ from walkthrough import idm
 from walkthrough.cli import app
 from walkthrough.metrics import STICK_BINS, STICK_CENTRES
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run no faster on two threads, and far slower when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = dict(frames=3, size=(16, 16), channels=(4,), dim=16, depth=1, heads=2)
 RIGHT, LEFT = A.BUTTON_INDEX["dpad_right"], A.BUTTON_INDEX["dpad_left"]
 
