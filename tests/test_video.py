@@ -1,6 +1,7 @@
 """Video I/O on tiny real videos written in a temp dir: every frame carries its index as 8 black or
 white stripes (robust to lossy coding), above a colour gradient (to check crop and resize)."""
 
+import os
 import re
 from fractions import Fraction
 
@@ -184,6 +185,9 @@ def test_writer_is_atomic(tmp_path):
         writer.write(pattern(0))
         assert not path.exists()  # a run killed now leaves nothing at `path`
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
     path.unlink()
     with pytest.raises(KeyError):

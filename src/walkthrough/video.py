@@ -267,6 +267,12 @@ def _exact_rate(fps: float | Fraction) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class VideoWriter:
     """Encode (H, W, 3) uint8 RGB frames at a constant ``fps``; frame k is at k / fps exactly.
 
@@ -291,6 +297,7 @@ class VideoWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.",
                                    suffix=f".partial{self.path.suffix}", dir=self.path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a video is an ordinary file
         self._tmp = Path(tmp)
         try:
             self._container = av.open(str(self._tmp), "w")
