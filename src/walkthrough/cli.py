@@ -15,7 +15,7 @@ console = Console(stderr=True)
 
 def fail(message: str) -> None:
     """Exit non-zero with a one-line reason."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, however long
     raise typer.Exit(code=2)
 
 
