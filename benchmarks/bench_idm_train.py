@@ -81,7 +81,7 @@ def main() -> None:
         data = Path(tempfile.mkdtemp(prefix="bench_idm_")) / "store"
         games.record(data, ["Breakout", "Pong"], player="random", episodes=1, max_seconds=30, progress=False)
     config = preset("cpu", frames=args.frames, size=(args.size, args.size))
-    spec = WindowSpec(config.frames, config.frames - 1, config.fps, config.size)
+    spec = WindowSpec(config.frames, config.frames - 1, config.fps, config.size, context=1)  # as train-idm
     cfg = TrainConfig(batch_size=args.batch_size, num_workers=args.workers)
     episodes = ChunkStore(data).episodes
     torch.manual_seed(0)

@@ -6,9 +6,10 @@
    and size: what no labeler can beat) vs end-to-end ``label.label`` (decode, windows, IDM,
    averaging, filters, writing), as frames per second and their ratio, for the IDM's CPU preset
    (randomly initialised unless ``--run`` names a trained one: speed does not depend on the
-   weights). Two kinds of files: real Breakout play at its native 210x160, and the same play
-   pillarboxed into 1280x720 as walkthroughs on video sites are. The IDM alone (windows/s on
-   ready frames) is shown too: the labeler cannot beat that either.
+   weights), with torch on 2 threads and on 1 (the decode thread then keeps the other core).
+   Two kinds of files: real Breakout play at its native 210x160, and the same play pillarboxed
+   into 1280x720 as walkthroughs on video sites are. The IDM alone (frames/s on ready frames:
+   every frame encoded once, a window per frame) is shown too: the labeler cannot beat that either.
 2. Memory: peak RSS of a fresh process labeling one video looped (by remuxing, no re-encoding)
    to 5, 20 and 60 minutes, with a tiny IDM at 10 fps so that an hour takes minutes. Flat means
    the peak does not grow with the length beyond the per-step results (~100 bytes a step).
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 from walkthrough import games, idm, label, train, video
+
+THREADS = torch.get_num_threads()  # torch's default: one per core
 
 
 def save_random_idm(run: Path, config: idm.IDMConfig) -> Path:
@@ -64,21 +67,28 @@ def decode_fps(files: list[Path], config: idm.IDMConfig) -> float:
     return frames / (time.perf_counter() - began)
 
 
-def label_fps(files: list[Path], run: Path, out: Path, config: label.LabelConfig) -> float:
-    summary = label.label(files, run, out, config, progress=False)
+def label_fps(files: list[Path], run: Path, out: Path, config: label.LabelConfig, threads: int) -> float:
+    torch.set_num_threads(threads)
+    try:
+        summary = label.label(files, run, out, config, progress=False)
+    finally:
+        torch.set_num_threads(THREADS)
     return summary["run"]["frames_per_second"]
 
 
-def model_windows_per_second(run: Path, bf16: bool, batch: int = 64, repeats: int = 5) -> float:
+def model_frames_per_second(run: Path, bf16: bool, block: int = label.LabelConfig.batch_size,
+                            repeats: int = 3) -> float:
+    """The IDM on a ready block of frames, as the labeler calls it (stride 1: a window per frame)."""
     model = train.load_model(run)
     T, (H, W) = model.config.frames, model.config.size
-    frames = torch.randint(0, 256, (batch, T, 3, H, W), dtype=torch.uint8)
+    frames = torch.randint(0, 256, (1, block + T + 1, 3, H, W), dtype=torch.uint8)
+    starts = torch.ones(1, block, dtype=torch.bool)
     best = 0.0
     for _ in range(repeats):
         began = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            model.predict(frames)
-        best = max(best, batch / (time.perf_counter() - began))
+            model.block_sums(frames, starts)
+        best = max(best, block / (time.perf_counter() - began))
     return best
 
 
@@ -131,19 +141,24 @@ def main() -> None:
         run = args.run or save_random_idm(root / "idm-cpu", idm.preset("cpu"))
         model_config = train.load_model(run).config
         clips = make_clips(root, args.seconds)
-        settings = {"default (fp32, stride 1)": label.LabelConfig(min_confidence=0.0),
-                    "bf16, stride 2": label.LabelConfig(min_confidence=0.0, bf16=True, stride=2)}
+        settings = {  # name: (config, torch threads)
+            f"default (fp32), {THREADS} threads": (label.LabelConfig(min_confidence=0.0), THREADS),
+            "default (fp32), 1 thread": (label.LabelConfig(min_confidence=0.0), 1),
+            f"--bf16, {THREADS} threads": (label.LabelConfig(min_confidence=0.0, bf16=True), THREADS),
+            "--bf16, 1 thread": (label.LabelConfig(min_confidence=0.0, bf16=True), 1),
+        }
         for bf16 in (False, True):
-            results[f"idm_windows_per_s_{'bf16' if bf16 else 'fp32'}"] = model_windows_per_second(run, bf16)
-        print(f"IDM alone ({idm.describe(train.load_model(run))}): "
-              f"{results['idm_windows_per_s_fp32']:.0f} windows/s fp32, "
-              f"{results['idm_windows_per_s_bf16']:.0f} bf16")
+            results[f"idm_frames_per_s_{'bf16' if bf16 else 'fp32'}"] = model_frames_per_second(run, bf16)
+        results["torch_threads"] = THREADS
+        print(f"IDM alone ({idm.describe(train.load_model(run))}, {THREADS} threads): "
+              f"{results['idm_frames_per_s_fp32']:.0f} frames/s fp32, "
+              f"{results['idm_frames_per_s_bf16']:.0f} bf16")
         print(f"{'files':<20} {'setting':<26} {'decode+resize fps':>18} {'label fps':>10} {'ratio':>7}")
         for kind, files in clips.items():
-            for name, config in settings.items():
+            for name, (config, threads) in settings.items():
                 # Decode right before labeling, so that both see the same load on the machine.
                 decode = decode_fps(files, model_config)
-                end_to_end = label_fps(files, run, root / f"out-{len(results['throughput'])}", config)
+                end_to_end = label_fps(files, run, root / f"out-{len(results['throughput'])}", config, threads)
                 row = {"files": kind, "setting": name, "decode_fps": decode, "label_fps": end_to_end,
                        "ratio": end_to_end / decode}
                 results["throughput"].append(row)

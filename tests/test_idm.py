@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from walkthrough import actions as A
-from walkthrough import idm
+from walkthrough import idm, train
 from walkthrough.cli import app
 from walkthrough.metrics import STICK_BINS, STICK_CENTRES
 
@@ -23,13 +23,13 @@ def tiny(**changes) -> idm.IDM:
 
 
 def test_predict_gives_probabilities_actions_and_confidence_per_transition():
-    out = tiny().predict(torch.randint(0, 256, (2, 3, 3, 16, 16), dtype=torch.uint8))
+    out = tiny().predict(torch.randint(0, 256, (2, 5, 3, 16, 16), dtype=torch.uint8))  # T = 3 and 2 context frames
     assert out["button_prob"].shape == (2, 2, A.NUM_BUTTONS)
     assert out["stick_logits"].shape == out["stick_prob"].shape == (2, 2, A.NUM_AXES, STICK_BINS)
     assert out["actions"].shape == (2, 2, A.ACTION_DIM)
     assert ((out["confidence"] > 0) & (out["confidence"] <= 1)).all()
-    with pytest.raises(ValueError, match="windows of 3 frames"):
-        tiny().predict(torch.zeros(1, 4, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="windows of 3 frames plus 2 context frames"):
+        tiny().predict(torch.zeros(1, 3, 3, 16, 16, dtype=torch.uint8))
 
 
 def test_motion_input_is_a_reparametrised_space_time_convolution():
@@ -40,7 +40,8 @@ def test_motion_input_is_a_reparametrised_space_time_convolution():
     w_prev, w_now, w_next = conv3d.weight.unbind(2)  # (out, in, 3, 3) per time offset
     g = idm.MOTION_GAIN  # a x + b g (next - x) + c g (x - prev) == w_prev prev + w_now x + w_next next
     weight = torch.cat([w_prev + w_now + w_next, w_next / g, -w_prev / g], dim=1)
-    got = F.conv2d(idm.with_motion(x).flatten(0, 1), weight, conv3d.bias, padding=1).view_as(expected)
+    motion = idm.with_motion(padded.permute(0, 1, 3, 4, 2)).permute(0, 1, 4, 2, 3)  # (B, T, 9, H, W)
+    got = F.conv2d(motion.flatten(0, 1), weight, conv3d.bias, padding=1).view_as(expected)
     assert torch.allclose(got, expected, atol=1e-5)
 
 
@@ -59,15 +60,49 @@ def test_decode_and_confidence_definitions():
     assert idm.confidence(button_prob, stick_prob).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_label_averages_overlapping_windows():
-    model = tiny()
-    frames = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
-    out = model.label(frames, stride=1)  # windows start at 0, 1, 2, 3
-    assert out["actions"].shape == (5, A.ACTION_DIM) and out["confidence"].shape == (5,)
-    windows = model.predict(torch.stack([frames[s:s + 3] for s in range(4)]))["button_prob"]
-    assert torch.allclose(out["button_prob"][0], windows[0, 0], atol=1e-6)  # one window covers step 0
-    assert torch.allclose(out["button_prob"][2], (windows[1, 1] + windows[2, 0]) / 2, atol=1e-6)
+def test_a_frames_features_do_not_depend_on_its_window():
+    model = tiny().eval()
+    clip = torch.randint(0, 256, (1, 8, 3, 16, 16), dtype=torch.uint8)
+    whole = model.encode_frames(clip)  # (1, 8, D): the clip's ends repeated, as a video's
+    padded = idm.repeat_edges(clip)  # (1, 10, ...): padded[:, j + 1] is frame j
+    for s in range(6):  # the window of frames s..s+2 with its context frames: frame 3 in every position
+        window = model.encode_frames(padded[:, s:s + 5], context=True)  # (1, 3, D)
+        torch.testing.assert_close(window, whole[:, s:s + 3], atol=1e-5, rtol=1e-5)
+    assert model.encode_frames(clip[:, 2:5]).shape == (1, 3, 16)
+
+
+def test_label_with_frames_encoded_once_equals_every_window_on_its_own():
+    model = tiny().eval()
+    frames = torch.randint(0, 256, (9, 3, 16, 16), dtype=torch.uint8)
+    padded = idm.repeat_edges(frames[None])[0]  # a video's ends: no motion beyond them
+    for stride, block in [(1, 256), (1, 2), (2, 3)]:
+        out = model.label(frames, stride=stride, block=block)
+        assert out["actions"].shape == (8, A.ACTION_DIM) and out["confidence"].shape == (8,)
+        starts = sorted(set(range(0, 7, stride)) | {6})  # windows of T = 3, and one ending on the last frame
+        naive = model.predict(torch.stack([padded[s:s + 5] for s in starts]))  # each window re-encoded
+        button_sum, count = torch.zeros(8, A.NUM_BUTTONS), torch.zeros(8, 1)
+        for j, s in enumerate(starts):
+            button_sum[s:s + 2] += naive["button_prob"][j]
+            count[s:s + 2] += 1
+        torch.testing.assert_close(out["button_prob"], button_sum / count, atol=1e-5, rtol=1e-5)
     assert model.label(frames[:2])["actions"].shape == (1, A.ACTION_DIM)  # shorter than a window
+
+
+def test_an_older_checkpoint_fails_with_one_clear_line(tmp_path):
+    model = tiny()
+    train.save_checkpoint(tmp_path, model, None, torch.optim.AdamW(model.parameters()), train.TrainConfig(),
+                          step=0, train_seconds=0.0, model_type="idm")
+    assert train.load_model(tmp_path).config.input_format == idm.INPUT_FORMAT
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["model"]["input_format"]  # as every checkpoint before the format was recorded
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    expected = f"checkpoint {tmp_path} was written by an older walkthrough (IDM input format 1); retrain it"
+    with pytest.raises(ValueError) as error:
+        train.load_model(tmp_path)
+    assert str(error.value) == expected
+    result = runner.invoke(app, ["eval-idm", "--ckpt", str(tmp_path), "--data", str(tmp_path), "--out",
+                                 str(tmp_path / "eval")])
+    assert result.exit_code == 2 and "IDM input format 1" in result.output
 
 
 def moving_square(actions: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -91,7 +126,8 @@ def test_idm_learns_actions_it_can_see():
         actions = torch.zeros(n, 1, A.ACTION_DIM)
         actions[:, 0, RIGHT] = (torch.rand(n, generator=g) < 0.4).float()
         actions[:, 0, LEFT] = (1 - actions[:, 0, RIGHT]) * (torch.rand(n, generator=g) < 0.5).float()
-        return {"frames": torch.stack([moving_square(a, g) for a in actions]), "actions": actions,
+        frames = idm.repeat_edges(torch.stack([moving_square(a, g) for a in actions]))  # (n, 4, 3, 16, 16)
+        return {"frames": frames, "actions": actions,
                 "action_mask": torch.ones(n, 1, dtype=torch.bool), "weight": torch.ones(n, 1)}
 
     for _ in range(120):

@@ -78,17 +78,20 @@ def test_labels_are_a_chunk_store_like_ground_truth(idm_run, walkthroughs, tmp_p
     assert ((item["weight"] > 0) & (item["weight"] <= 1)).all()
 
 
-def test_overlapping_windows_average_as_the_idm_does(idm_run, walkthroughs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stride, batch_size", [(1, 256), (2, 5)])
+def test_overlapping_windows_average_as_the_idm_does(idm_run, walkthroughs, tmp_path, monkeypatch, stride, batch_size):
     """Streamed in blocks, the averaged labels equal IDM.label over the whole clip in memory."""
     monkeypatch.setattr(label.StepAverager, "BLOCK", 8)  # release many times within one video
     clip = sorted(walkthroughs.glob("*.mp4"))[0]
-    run_label([clip], idm_run, tmp_path, stride=2, crop_letterbox=False)
+    run_label([clip], idm_run, tmp_path, stride=stride, batch_size=batch_size, crop_letterbox=False)
     steps = pq.read_table(next((tmp_path / "steps").glob("*.parquet")))
     model = train.load_model(idm_run)
     frames = np.stack([f for _, f in video.iter_frames(clip, FPS, (32, 32))])  # (N, H, W, 3)
-    expected = model.label(torch.from_numpy(frames).permute(0, 3, 1, 2), stride=2)
+    expected = model.label(torch.from_numpy(frames).permute(0, 3, 1, 2), stride=stride)
     np.testing.assert_array_equal(label.A.from_table(steps), expected["actions"].numpy())
     np.testing.assert_allclose(steps.column("confidence").to_numpy(), expected["confidence"].numpy(), rtol=1e-4)
+    motion = (np.abs(np.diff(frames.astype(np.int16), axis=0)) > label.MOTION_LEVEL).any(-1).mean((1, 2))
+    np.testing.assert_allclose(steps.column("motion").to_numpy(), motion, rtol=1e-6)
 
 
 def test_broken_inputs_are_listed_and_the_rest_is_labeled(idm_run, walkthroughs, tmp_path):

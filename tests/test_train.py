@@ -32,7 +32,8 @@ class ToyWindows(Dataset):
         g = torch.Generator().manual_seed(i)
         actions = torch.zeros(self.frames - 1, A.ACTION_DIM)
         actions[:, :A.NUM_BUTTONS] = (torch.rand(self.frames - 1, A.NUM_BUTTONS, generator=g) < 0.2).float()
-        return {"frames": torch.randint(0, 256, (self.frames, 3, 16, 16), generator=g, dtype=torch.uint8),
+        # the IDM's window and a context frame on each side (WindowSpec(context=1))
+        return {"frames": torch.randint(0, 256, (self.frames + 2, 3, 16, 16), generator=g, dtype=torch.uint8),
                 "actions": actions, "action_mask": torch.ones(self.frames - 1, dtype=torch.bool),
                 "weight": torch.ones(self.frames - 1), "episode": torch.tensor(0)}
 

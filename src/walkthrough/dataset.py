@@ -4,8 +4,13 @@ A sample starts at frame k of an episode resampled to the model's ``fps``: ``num
 (k, k+1, ...) and ``num_actions`` action steps (k, k+1, ...), where action step j is everything
 the player did during [t_j, t_j + 1/fps), i.e. what turns frame j into frame j+1.
 
-    IDM:    num_frames = T, num_actions = T - 1   (the action at every transition in the window)
+    IDM:    num_frames = T, num_actions = T - 1, context = 1   (the action at every transition in
+            the window; frames k-1 and k+T only give the edge frames their motion)
     policy: num_frames = 1, num_actions = H       (one context frame, a chunk of H future actions)
+
+``context`` frames are added before and after the window's frames; past an episode's ends they
+repeat its first or last frame (a video's start and end: no motion there), so they never change
+which windows exist.
 
 Frames are decoded on demand (only the window), cropped to the game area, resized and the
 controller overlay masked; or, with ``preload=True``, whole episodes are decoded once into RAM
@@ -35,6 +40,7 @@ class WindowSpec:
     fps: float = 30.0
     size: tuple[int, int] = (64, 64)  # (H, W)
     stride: int = 1  # frames between consecutive window starts
+    context: int = 0  # extra frames on each side of the window's frames (see the module docstring)
 
 
 def split_episodes(episodes: list[Episode], val_fraction: float, seed: int = 0) -> tuple[list[Episode], list[Episode]]:
@@ -73,7 +79,7 @@ class WindowDataset(Dataset):
     """Every window of every episode that has a video, at the spec's fps and size.
 
     Each item is a dict of tensors:
-        frames       (F, 3, H, W) uint8
+        frames       (F + 2 * context, 3, H, W) uint8
         actions      (A, 21) float32
         action_mask  (A,) bool      False where no label covers the step
         weight       (A,) float32   per-step weight: the label's confidence for pseudo-labels
@@ -110,15 +116,21 @@ class WindowDataset(Dataset):
         return decode_episode(self.episodes[e], self.spec.fps, self.spec.size)
 
     def frames(self, e: int, start: int, num: int) -> np.ndarray:
-        """(num, H, W, 3) uint8 frames start.. of episode e at the spec's fps."""
+        """(num, H, W, 3) uint8 frames start.. of episode e at the spec's fps; ``start`` may be
+        negative and the frames may reach past the episode: its first or last frame stands in."""
         episode = self.episodes[e]
         if e in self.frames_cache:
             cached = self.frames_cache[e]
-            index = np.minimum(np.arange(start, start + num), len(cached) - 1)
-            return cached[index]
-        t0 = episode.start_time + start / self.spec.fps
-        frames = video.read_frames(episode.video, t0, num, self.spec.fps, self.spec.size, episode.crop())
-        return episode.apply_mask(frames)
+            return cached[np.clip(np.arange(start, start + num), 0, len(cached) - 1)]
+        first = max(start, 0)
+        t0 = episode.start_time + first / self.spec.fps
+        stream = video.iter_frames(episode.video, self.spec.fps, self.spec.size, episode.crop(), t0, episode.end_time)
+        with contextlib.closing(stream):
+            read = [frame for _, frame in itertools.islice(stream, start + num - first)]
+        if not read:
+            raise StoreError(f"{episode.video}: no frame at {t0:.3f}s at {self.spec.fps:g} fps (the video ends first)")
+        index = np.clip(np.arange(start, start + num) - first, 0, len(read) - 1)
+        return episode.apply_mask(np.stack(read)[index])
 
     def labels(self, e: int, start: int, num: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Actions (num, 21), mask (num,), weight (num,) for steps start.. of episode e."""
@@ -135,10 +147,11 @@ class WindowDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         e, start = self.windows[i]
-        frames = self.frames(e, start, self.spec.num_frames)
+        context = self.spec.context
+        frames = self.frames(e, start - context, self.spec.num_frames + 2 * context)
         acts, valid, weight = self.labels(e, start, self.spec.num_actions)
         return {
-            "frames": torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2),  # (F, 3, H, W)
+            "frames": torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2),  # (F + 2 context, 3, H, W)
             "actions": torch.from_numpy(acts),  # (A, 21)
             "action_mask": torch.from_numpy(valid),  # (A,)
             "weight": torch.from_numpy(weight),  # (A,)

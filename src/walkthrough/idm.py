@@ -2,19 +2,25 @@
 
 After VPT's IDM (a space-time conv stem, an IMPALA ResNet per frame, a non-causal transformer):
 
-    frames (B, T, 3, H, W) uint8
-      -> each frame with its differences to both neighbours, then a 3x3 conv: a 3x3x3
-         space-time conv that sees motion from the first step                    (B*T, C0, H, W)
-      -> IMPALA stages (conv, max-pool /2, two residual blocks), flatten, linear  (B, T, D)
-      -> non-causal transformer over the T frame tokens                           (B, T, D)
+    frames (B, T + 2, 3, H, W) uint8: the window and one context frame on each side
+      -> encode_frames: each of the T frames with its differences to its true neighbours (the
+         context frames only supply those), then a 3x3 conv: a 3x3x3 space-time conv that sees
+         motion from the first step; IMPALA stages, flatten, linear              (B, T, D)
+      -> temporal: non-causal transformer over the T frame tokens               (B, T, D)
       -> transition j reads [h_j, h_j+1]: 17 button logits + 4 x 11 stick-bin logits
+
+A frame's features depend on the frame and its two neighbours only, never on the window it is
+in, so a labeler encodes every frame of a video once and runs the (cheap) transformer over all
+the overlapping windows of those features. At a video's first and last frame the missing
+neighbour is the frame itself (no motion there), as ``repeat_edges`` makes it.
 
 Buttons are independent sigmoids; each stick axis is an 11-way categorical over bins centred at
 -1, -0.8, ..., 1, so every head states a probability. The training loss is the negative
 log-likelihood of the true action, summed over the 21 heads.
 
-Inference for the labeler: ``IDM.predict`` on windows, ``IDM.label`` over a whole clip (overlapping
-windows, probabilities averaged where they overlap), ``decode`` to (N, 21) actions and
+Inference for the labeler: ``IDM.predict`` on windows, ``IDM.label`` over a whole clip (frames
+encoded once, overlapping windows, probabilities averaged where they overlap), ``IDM.block_sums``
+for the streaming labeler, ``decode`` to (N, 21) actions and
 ``confidence`` per step (defined there). ``load_calibration`` reads the confidence threshold
 that ``walkthrough eval-idm`` picked for a target precision.
 """
@@ -36,11 +42,17 @@ from walkthrough import actions as A
 from walkthrough.chunks import ChunkStore, Episode, StoreError, write_json_atomic
 from walkthrough.dataset import WindowDataset, WindowSpec, decode_episode, split_episodes
 from walkthrough.metrics import STICK_BINS, STICK_CENTRES, stick_bin, summarize
-from walkthrough.train import (CONFIG_FILE, TrainConfig, console, main_process, read_run_config, register,
-                              resumed_config, train)
+from walkthrough.train import (CONFIG_FILE, OutdatedCheckpoint, TrainConfig, console, main_process,
+                              read_run_config, register, resumed_config, run_model_config, train)
 
 
 # --- 1. Config ------------------------------------------------------------------------------------
+# What a window of input is. 1: T frames, each frame's motion taken inside the window (edge
+# frames repeated at the window's borders). 2: T frames plus a context frame on each side, so a
+# frame's features do not depend on the window. Weights of one format are garbage in the other.
+INPUT_FORMAT = 2
+
+
 @dataclass
 class IDMConfig:
     # what the model sees: a labeler resamples video to this rate and size
@@ -56,6 +68,7 @@ class IDMConfig:
     mlp_ratio: float = 4.0
     # output
     button_pos_weight: float = 1.0  # > 1 up-weights presses (recall up, calibration off)
+    input_format: int = INPUT_FORMAT  # saved with the checkpoint: which input the weights expect
 
     def __post_init__(self) -> None:
         self.size = tuple(int(s) for s in self.size)
@@ -67,6 +80,9 @@ class IDMConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "IDMConfig":
+        found = data.get("input_format", 1)  # checkpoints before the format was recorded are format 1
+        if found != INPUT_FORMAT:
+            raise OutdatedCheckpoint(f"was written by an older walkthrough (IDM input format {found}); retrain it")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -95,14 +111,20 @@ MOTION_GAIN = 4.0  # few pixels change between frames: amplify the differences t
 def with_motion(frames: Tensor) -> Tensor:
     """Each frame with its change to the next frame and from the previous one, along channels.
 
-    (B, T, C, H, W) -> (B, T, 3C, H, W): [x_t, g (x_t+1 - x_t), g (x_t - x_t-1)], the window's
-    end frames repeated past its edges (no change there). A 2D conv over this is a 3D conv with
-    temporal kernel 3, reparametrised so that motion is its input from the start: on Atari it
-    leaves the loss plateau of the plain [x_t-1, x_t, x_t+1] stack ~3x sooner (docs/idm.md).
+    (B, N + 2, H, W, C) -> (B, N, H, W, 3C), channels last: [x_t, g (x_t+1 - x_t), g (x_t - x_t-1)]
+    for the N frames between the first and the last, which are only their neighbours. A 2D conv
+    over this is a 3D conv with temporal kernel 3, reparametrised so that motion is its input from
+    the start: on Atari it leaves the loss plateau of the plain [x_t-1, x_t, x_t+1] stack ~3x
+    sooner (docs/idm.md).
     """
-    prev = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
-    next_ = torch.cat([frames[:, 1:], frames[:, -1:]], dim=1)
-    return torch.cat([frames, MOTION_GAIN * (next_ - frames), MOTION_GAIN * (frames - prev)], dim=2)
+    prev, now, next_ = frames[:, :-2], frames[:, 1:-1], frames[:, 2:]
+    return torch.cat([now, MOTION_GAIN * (next_ - now), MOTION_GAIN * (now - prev)], dim=-1)
+
+
+def repeat_edges(frames: Tensor) -> Tensor:
+    """A clip's first and last frame repeated once, as context: (B, N, ...) -> (B, N + 2, ...).
+    What a video's start and end look like to ``with_motion``: no change beyond them."""
+    return torch.cat([frames[:, :1], frames, frames[:, -1:]], dim=1)
 
 
 class ResidualBlock(nn.Module):
@@ -149,6 +171,9 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+ENCODE_BATCH = 64  # frames per conv call at inference (measured on the CPU preset: 32-64 is fastest)
+
+
 class IDM(nn.Module):
     def __init__(self, config: IDMConfig):
         super().__init__()
@@ -170,16 +195,27 @@ class IDM(nn.Module):
         self.head = nn.Sequential(nn.Linear(2 * c.dim, c.dim), nn.GELU(),
                                   nn.Linear(c.dim, A.NUM_BUTTONS + A.NUM_AXES * STICK_BINS))
 
-    def forward(self, frames: Tensor) -> tuple[Tensor, Tensor]:
-        """frames (B, T, 3, H, W) uint8 -> button logits (B, T-1, 17), stick logits (B, T-1, 4, 11)."""
-        B, T, _, H, W = frames.shape
-        if T != self.config.frames or (H, W) != self.config.size:
-            raise ValueError(f"IDM expects windows of {self.config.frames} frames of {self.config.size}, "
-                             f"got {T} of {(H, W)}")
-        x = frames.float() / 255.0 - 0.5
-        x = with_motion(x).flatten(0, 1)  # (B*T, 9, H, W)
-        x = F.relu(self.encoder(x)).flatten(1)  # (B*T, C*h*w)
-        x = self.embed(x).view(B, T, -1) + self.pos  # (B, T, D)
+    def encode_frames(self, frames: Tensor, context: bool = False) -> Tensor:
+        """Per-frame features, whatever window a frame ends up in: frames (B, N, 3, H, W) uint8 -> (B, N, D).
+
+        Each frame's motion comes from its true neighbours; the clip's first and last frame see
+        themselves beyond its ends, as a video's start and end do. With ``context=True`` the first
+        and last frames are only neighbours: (B, N + 2, 3, H, W) -> (B, N, D) for the frames between.
+        """
+        if not context:
+            frames = repeat_edges(frames)
+        B, N, _, H, W = frames.shape
+        if (H, W) != self.config.size:
+            raise ValueError(f"IDM expects frames of {self.config.size}, got {(H, W)}")
+        # Channels last is oneDNN's fast conv layout on CPUs (2x here); decoded video already is.
+        x = frames.permute(0, 1, 3, 4, 2).contiguous().float().mul_(1 / 255.0).sub_(0.5)  # (B, N, H, W, 3)
+        x = with_motion(x).flatten(0, 1).permute(0, 3, 1, 2)  # (B*(N-2), 9, H, W), channels-last strides
+        x = F.relu(self.encoder(x)).flatten(1)  # (B*(N-2), C*h*w)
+        return self.embed(x).view(B, N - 2, -1)  # (B, N-2, D)
+
+    def temporal(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Windows of T frame features (B, T, D) -> button logits (B, T-1, 17), stick logits (B, T-1, 4, 11)."""
+        x = features + self.pos  # (B, T, D)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
@@ -188,6 +224,15 @@ class IDM(nn.Module):
         buttons = out[..., :A.NUM_BUTTONS]
         sticks = out[..., A.NUM_BUTTONS:].unflatten(-1, (A.NUM_AXES, STICK_BINS))
         return buttons, sticks
+
+    def forward(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """frames (B, T + 2, 3, H, W) uint8, a window with a context frame on each side ->
+        button logits (B, T-1, 17), stick logits (B, T-1, 4, 11) for the window's transitions."""
+        B, N, _, H, W = frames.shape
+        if N != self.config.frames + 2 or (H, W) != self.config.size:
+            raise ValueError(f"IDM expects windows of {self.config.frames} frames plus 2 context frames of "
+                             f"{self.config.size}, got {N} of {(H, W)}")
+        return self.temporal(self.encode_frames(frames, context=True))
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """NLL of the true actions (summed over heads), averaged over labelled steps.
@@ -218,9 +263,9 @@ class IDM(nn.Module):
 
     # -- inference --------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, frames: Tensor) -> dict[str, Tensor]:
-        """frames (B, T, 3, H, W) uint8 -> per transition (B, T-1, ...):
+        """frames (B, T + 2, 3, H, W) uint8 (as ``forward``) -> per transition (B, T-1, ...):
 
         ``button_prob`` (.., 17), ``stick_logits`` and ``stick_prob`` (.., 4, 11),
         ``actions`` (.., 21) decoded, ``confidence`` (..,) as defined in ``confidence``.
@@ -231,39 +276,83 @@ class IDM(nn.Module):
         return {"button_prob": button_prob, "stick_logits": stick_logits, "stick_prob": stick_prob,
                 "actions": decode(button_prob, stick_prob), "confidence": confidence(button_prob, stick_prob)}
 
-    @torch.no_grad()
-    def label(self, frames: Tensor, stride: int | None = None, batch_size: int = 64) -> dict[str, Tensor]:
+    @torch.inference_mode()
+    def block_sums(self, frames: Tensor, starts: Tensor) -> dict[str, Tensor]:
+        """Every frame of a block encoded once, then the windows asked for, their probabilities
+        summed per transition: what ``label`` and the streaming labeler average.
+
+        frames (B, K + T + 1, 3, H, W) uint8: the frames of K window starts, the T - 1 frames
+            the last windows reach beyond them, and a context frame on each side;
+        starts (B, K) bool: run the window starting at block frame i (its transitions i..i+T-2).
+        Returns ``button_sum`` (B, K+T-2, 17), ``stick_sum`` (B, K+T-2, 4, 11) and ``count``
+        (B, K+T-2): how many windows cover each transition; on the CPU.
+        """
+        T, (B, K) = self.config.frames, starts.shape
+        frames = frames.to(next(self.parameters()).device)
+        device = frames.device
+        # A few dozen frames per conv call stay in the CPU's caches: 1.5x faster than 256 at once.
+        # Each call's first and last frame are context, so no frame is encoded twice.
+        features = torch.cat([self.encode_frames(frames[:, a:a + ENCODE_BATCH + 2], context=True)
+                              for a in range(0, K + T - 1, ENCODE_BATCH)], dim=1)  # (B, K+T-1, D)
+        windows = features.unfold(1, T, 1).transpose(-1, -2)  # (B, K, T, D): window i = features i..i+T-1
+        b, i = starts.to(device).nonzero(as_tuple=True)
+        button_logits, stick_logits = self.temporal(windows[b, i])  # (W, T-1, ...)
+        # flat index of each window's transitions in the (B, K+T-2) output
+        rows = (b * (K + T - 2) + i)[:, None] + torch.arange(T - 1, device=device)  # (W, T-1)
+        rows = rows.flatten().cpu()
+        button_sum = torch.zeros(B * (K + T - 2), A.NUM_BUTTONS)
+        stick_sum = torch.zeros(B * (K + T - 2), A.NUM_AXES, STICK_BINS)
+        count = torch.zeros(B * (K + T - 2))
+        button_sum.index_add_(0, rows, torch.sigmoid(button_logits).flatten(0, 1).cpu())
+        stick_sum.index_add_(0, rows, stick_logits.softmax(-1).flatten(0, 1).cpu())
+        count.index_add_(0, rows, torch.ones(len(rows)))
+        return {"button_sum": button_sum.view(B, K + T - 2, A.NUM_BUTTONS),
+                "stick_sum": stick_sum.view(B, K + T - 2, A.NUM_AXES, STICK_BINS),
+                "count": count.view(B, K + T - 2)}
+
+    @torch.inference_mode()
+    def label(self, frames: Tensor, stride: int = 1, block: int = 256) -> dict[str, Tensor]:
         """Actions for every transition of a clip: frames (N, 3, H, W) uint8 -> (N-1, ...) as ``predict``.
 
-        Windows of T frames start every ``stride`` frames (default ~T/2, so most transitions are
-        seen twice, in different contexts); where windows overlap their probabilities are
-        averaged. A clip shorter than a window is padded by repeating its last frame. Memory is
-        O(N): label a long video in blocks that overlap by T - 1 frames.
+        Each frame is encoded once (the clip's ends repeated as context), then windows of T
+        frames start every ``stride`` frames, plus one that ends on the last frame; where windows
+        overlap their probabilities are averaged. Stride 1 (the default, as the labeler's) puts
+        every transition in every position of a window, for the transformer's small cost. A clip
+        shorter than a window is padded by repeating its last frame. Work goes in blocks of
+        ``block`` window starts, as ``walkthrough label`` streams a video; memory here is O(N).
         """
         T, n = self.config.frames, len(frames)
         if n < 2:
             raise ValueError(f"need at least 2 frames to label a transition, got {n}")
-        stride = stride or max(1, (T - 1) // 2)
         if n < T:
             frames = torch.cat([frames, frames[-1:].expand(T - n, *frames.shape[1:])])
-        starts = list(range(0, len(frames) - T + 1, stride))
-        if starts[-1] != len(frames) - T:
-            starts.append(len(frames) - T)  # the last window ends on the last frame
-        button_sum = torch.zeros(len(frames) - 1, A.NUM_BUTTONS)
-        stick_sum = torch.zeros(len(frames) - 1, A.NUM_AXES, STICK_BINS)
-        count = torch.zeros(len(frames) - 1, 1)
-        for i in range(0, len(starts), batch_size):
-            batch_starts = starts[i:i + batch_size]
-            windows = torch.stack([frames[s:s + T] for s in batch_starts])  # (b, T, 3, H, W)
-            out = self.predict(windows)
-            for j, s in enumerate(batch_starts):
-                button_sum[s:s + T - 1] += out["button_prob"][j].cpu()
-                stick_sum[s:s + T - 1] += out["stick_prob"][j].cpu()
-                count[s:s + T - 1] += 1
-        button_prob = (button_sum / count)[:n - 1]
-        stick_prob = (stick_sum / count[..., None])[:n - 1]
+        N = len(frames)
+        starts = window_starts(N, T, stride)  # (N-T+1,) bool
+        padded = repeat_edges(frames[None])[0]  # (N+2, 3, H, W): padded[j] is frame j - 1
+        button_sum = torch.zeros(N - 1, A.NUM_BUTTONS)
+        stick_sum = torch.zeros(N - 1, A.NUM_AXES, STICK_BINS)
+        count = torch.zeros(N - 1)
+        for s in range(0, N - T + 1, block):
+            k = min(block, N - T + 1 - s)  # window starts s..s+k-1 need frames s-1..s+k+T-1
+            out = self.block_sums(padded[None, s:s + k + T + 1], starts[None, s:s + k])
+            button_sum[s:s + k + T - 2] += out["button_sum"][0]
+            stick_sum[s:s + k + T - 2] += out["stick_sum"][0]
+            count[s:s + k + T - 2] += out["count"][0]
+        button_prob = (button_sum / count[:, None])[:n - 1]
+        stick_prob = (stick_sum / count[:, None, None])[:n - 1]
         return {"button_prob": button_prob, "stick_prob": stick_prob,
                 "actions": decode(button_prob, stick_prob), "confidence": confidence(button_prob, stick_prob)}
+
+
+def window_starts(n: int, T: int, stride: int) -> Tensor:
+    """Which of the n - T + 1 possible windows of an n-frame clip to run: one every ``stride``
+    frames, plus the one that ends on the last frame, so every transition is covered. (n-T+1,) bool."""
+    if not 1 <= stride <= T - 1:
+        raise ValueError(f"stride must be in 1..{T - 1} so that windows cover every transition, got {stride}")
+    starts = torch.zeros(n - T + 1, dtype=torch.bool)
+    starts[::stride] = True
+    starts[-1] = True
+    return starts
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -434,7 +523,7 @@ def train_idm(sources: list[Path] | None, out: Path, model_cfg: IDMConfig | None
     model_cfg, train_cfg = model_cfg or IDMConfig(), train_cfg or TrainConfig()
     if resume and (out / CONFIG_FILE).exists():
         saved = read_run_config(out)
-        model_cfg = IDMConfig.from_dict(saved["model"])
+        model_cfg = run_model_config(out, IDMConfig)
         train_cfg = resumed_config(TrainConfig.from_dict(saved["train"]), train_cfg)
         sources = sources or [Path(s) for s in saved["data"]["sources"]]
         val_fraction = saved["data"]["val_fraction"]
@@ -445,7 +534,7 @@ def train_idm(sources: list[Path] | None, out: Path, model_cfg: IDMConfig | None
     if not episodes:
         raise StoreError(f"{', '.join(map(str, sources))}: no episode has its video file")
     train_eps, val_eps = run_split(out, episodes, val_fraction, train_cfg.seed)
-    spec = WindowSpec(model_cfg.frames, model_cfg.frames - 1, model_cfg.fps, model_cfg.size)
+    spec = WindowSpec(model_cfg.frames, model_cfg.frames - 1, model_cfg.fps, model_cfg.size, context=1)
     preload = preload_fits(episodes, model_cfg) if preload is None else preload
     train_set = WindowDataset(train_eps, spec, preload=preload)
     val_set = WindowDataset(val_eps, spec, preload=preload) if val_eps else None

@@ -3,9 +3,10 @@
 One code path, whatever the scale (the local backend runs the stages in two threads, ``--backend
 ray`` runs them on Ray Data; the rows between stages are the same dicts):
 
-    video files -> decode_rows: stream frames at the IDM's fps and size, cut windows of T frames
-                   every ``stride`` frames, then one end row per video           (CPU: a thread / Ray tasks)
-                -> predict_batch: batches of windows -> per-transition probabilities  (IDM: main thread / actor pool)
+    video files -> decode_rows: stream frames at the IDM's fps and size, cut blocks of frames
+                   (K window starts each), then one end row per video           (CPU: a thread / Ray tasks)
+                -> predict_batch: a block's frames encoded once, its windows through the
+                   transformer, probabilities summed per transition    (IDM: main thread / actor pool)
                 -> StepAverager: average where windows overlap -> per-step actions and confidence
                 -> drop_reasons: the filters, each step kept or dropped for one reason
                 -> LabelStore.write: kept stretches as chunk-store episodes, then the video's done-marker
@@ -26,7 +27,7 @@ the video. A video is skipped when its marker exists and the file is unchanged (
 otherwise its leftovers from a killed run are deleted and it is labeled again. Each episode is
 written atomically and the marker last, so a ``kill -9`` loses at most the videos in flight.
 
-Memory: frames are streamed (at most ``prefetch`` batches of windows are in flight); the per-step
+Memory: frames are streamed (at most ``prefetch`` blocks of frames are in flight); the per-step
 results of the video being labeled are kept (~100 bytes per step, ~11 MB per hour at 30 fps).
 """
 
@@ -40,7 +41,6 @@ import re
 import shutil
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,9 +60,9 @@ class LabelConfig:
     """How to label; saved into every chunk's metadata and the summary."""
 
     # windows and batching
-    stride: int | None = None  # frames between window starts; None: the IDM's default, ~(T-1)/2
-    batch_size: int = 64  # windows per IDM call
-    prefetch: int = 4  # batches decoded ahead of the IDM (bounds memory)
+    stride: int = 1  # frames between window starts: 1 averages T - 1 windows per step (as eval-idm)
+    batch_size: int = 256  # window starts per IDM call: a block of K + T + 1 frames, encoded once
+    prefetch: int = 4  # blocks decoded ahead of the IDM (bounds memory)
     crop_letterbox: bool = True  # find black bars and feed the IDM the picture inside them
     bf16: bool = False  # bfloat16 autocast for the IDM: faster on GPUs and CPUs with AMX
     # filters: a stretch is dropped when its condition holds for at least the given seconds
@@ -113,15 +113,16 @@ class DecodeSpec:
     fps: float
     size: tuple[int, int]  # (H, W)
     stride: int
+    block: int  # K, window starts per block
     crop_letterbox: bool
 
     @staticmethod
     def for_model(config: idm.IDMConfig, label_config: LabelConfig) -> "DecodeSpec":
-        T = config.frames
-        stride = label_config.stride or max(1, (T - 1) // 2)  # as IDM.label
+        T, stride = config.frames, label_config.stride
         if not 1 <= stride <= T - 1:
             raise ValueError(f"stride must be in 1..{T - 1} so that windows cover every transition, got {stride}")
-        return DecodeSpec(T, float(config.fps), tuple(config.size), stride, label_config.crop_letterbox)
+        return DecodeSpec(T, float(config.fps), tuple(config.size), stride, label_config.batch_size,
+                          label_config.crop_letterbox)
 
 
 # --- 2. Inputs -----------------------------------------------------------------------------------
@@ -207,26 +208,34 @@ def file_sha256(path: Path) -> str:
 
 
 def decode_rows(job: dict, spec: DecodeSpec) -> Iterator[dict]:
-    """One video -> its windows in order, then one end row. Rows share one schema (for Ray Data):
+    """One video -> its blocks in order, then one end row. Rows share one schema (for Ray Data):
 
         video       the job's key
-        start       the window's first frame (transition) index; -1 on the end row
-        frames      (T, H, W, 3) uint8; zeros on the end row
-        brightness  (T-1,) float32 per transition: mean pixel value of the brighter of its 2 frames
-        motion      (T-1,) float32 per transition: share of pixels that change (by > MOTION_LEVEL)
-        end         "" on windows; on the end row, JSON: frame count, source facts, or the error
+        start       the block's first window start, also the first transition it owns; -1 on the end row
+        frames      (K+T+1, H, W, 3) uint8: frames start-1 .. start+K+T-1 (the windows' frames and a
+                    context frame each side), the video's first and last frame standing in beyond
+                    its ends; zeros on the end row
+        starts      (K,) bool: a window starts at the block's frame start+i: every ``stride`` frames
+                    of the video, and one more that ends on its last frame, so every transition is covered
+        steps       how many transitions the block owns, from ``start`` (K, but for the last block)
+        brightness  (K+T-2,) float32 per owned transition: mean pixel value of the brighter of its 2 frames
+        motion      (K+T-2,) float32 per owned transition: share of pixels that change (by > MOTION_LEVEL)
+        end         "" on blocks; on the end row, JSON: frame count, source facts, or the error
 
-    A transition is seen by every window that contains both its frames. Windows start every
-    ``stride`` frames; one more ends on the last frame, so every transition is covered.
+    Consecutive blocks share T + 1 frames, so T - 1 frames a block are encoded twice (1.2% at K = 256,
+    T = 4): the price of rows that stand alone, which any Ray actor can take in any order.
     """
-    T, path = spec.frames, Path(job["path"])
-    frames: deque[np.ndarray] = deque(maxlen=T)
-    stats: deque[tuple[float, float]] = deque(maxlen=T - 1)  # (brightness, motion) per transition
+    T, K, path = spec.frames, spec.block, Path(job["path"])
+    length, sums = K + T + 1, K + T - 2  # frames per block, transitions its windows reach
+    pending: list[np.ndarray] = []  # frames start-1 .. of the next block
+    stats: list[tuple[float, float]] = []  # (brightness, motion) of transitions start ..
 
-    def window(start: int) -> dict:
-        brightness, motion = np.asarray(stats, np.float32).T  # (T-1,) each
-        return {"video": job["key"], "start": start, "frames": np.stack(frames), "brightness": brightness,
-                "motion": motion, "end": ""}
+    def block(start: int, starts: np.ndarray, steps: int) -> dict:
+        frames = pending + [pending[-1]] * (length - len(pending))  # past the end: the last frame
+        owned = np.zeros((2, sums), np.float32)
+        owned[:, :steps] = np.asarray(stats[:steps], np.float32).reshape(steps, 2).T
+        return {"video": job["key"], "start": start, "frames": np.stack(frames), "starts": starts, "steps": steps,
+                "brightness": owned[0], "motion": owned[1], "end": ""}
 
     end: dict = {"frames": 0, "error": None}
     try:
@@ -234,32 +243,34 @@ def decode_rows(job: dict, spec: DecodeSpec) -> Iterator[dict]:
         crop = find_letterbox(path, info) if spec.crop_letterbox else None
         end["source"] = {"width": info.width, "height": info.height, "fps": info.fps,
                          "duration": info.duration, "codec": info.codec, "crop": crop}
-        n, next_start, last_start, level = 0, 0, 0, 0.0
+        n, start, level = 0, 0, 0.0
         for _, frame in video.iter_frames(path, spec.fps, spec.size, crop):
             frame_level = float(frame.mean())
-            if frames:
-                changed = (np.abs(frame.astype(np.int16) - frames[-1]) > MOTION_LEVEL).any(-1).mean()
+            if n:
+                changed = (np.abs(frame.astype(np.int16) - pending[-1]) > MOTION_LEVEL).any(-1).mean()
                 stats.append((max(level, frame_level), float(changed)))
-            frames.append(frame)
+            else:
+                pending.append(frame)  # frame -1: the video's first frame stands in
+            pending.append(frame)
             level, n = frame_level, n + 1
-            if n - T == next_start:  # frames next_start .. n-1 are in
-                yield window(next_start)
-                last_start, next_start = next_start, next_start + spec.stride
+            if len(pending) == length:  # frames start-1 .. start+K+T-1 are in
+                yield block(start, np.arange(start, start + K) % spec.stride == 0, K)
+                pending, stats, start = pending[K:], stats[K:], start + K
         end["frames"] = n
         if n < T:
             raise video.VideoError(f"{path}: too short to label: {n} frame(s) at {spec.fps:g} fps, "
                                    f"the IDM needs windows of {T}")
-        if last_start + T < n:
-            yield window(n - T)
+        first = np.arange(start, start + K)  # the last block: windows up to the one ending on frame n-1
+        yield block(start, (first % spec.stride == 0) & (first <= n - T) | (first == n - T), n - 1 - start)
         end["sha256"] = file_sha256(path)
     except (video.VideoError, OSError) as e:
         end["error"] = str(e)
-    yield {"video": job["key"], "start": -1, "frames": np.zeros((T, *spec.size, 3), np.uint8),
-           "brightness": np.zeros(T - 1, np.float32), "motion": np.zeros(T - 1, np.float32),
-           "end": json.dumps(end)}
+    yield {"video": job["key"], "start": -1, "frames": np.zeros((length, *spec.size, 3), np.uint8),
+           "starts": np.zeros(K, bool), "steps": 0, "brightness": np.zeros(sums, np.float32),
+           "motion": np.zeros(sums, np.float32), "end": json.dumps(end)}
 
 
-# --- 4. Model stage: batches of windows -> probabilities -----------------------------------------
+# --- 4. Model stage: blocks of frames -> probabilities summed per transition ---------------------
 def batch_rows(rows: Iterable[dict], size: int) -> Iterator[dict[str, np.ndarray]]:
     """Rows -> dicts of stacked columns of ``size`` rows each (the last may be shorter)."""
     rows = iter(rows)
@@ -269,20 +280,22 @@ def batch_rows(rows: Iterable[dict], size: int) -> Iterator[dict[str, np.ndarray
 
 
 def predict_batch(model: idm.IDM, batch: dict[str, np.ndarray], bf16: bool = False) -> dict[str, np.ndarray]:
-    """Replace each window's frames by the IDM's probabilities per transition:
-    ``button_prob`` (B, T-1, 17) and ``stick_prob`` (B, T-1, 4, 11); zeros on end rows."""
-    out = {key: value for key, value in batch.items() if key != "frames"}
-    B, T = batch["frames"].shape[:2]
-    out["button_prob"] = np.zeros((B, T - 1, A.NUM_BUTTONS), np.float32)
-    out["stick_prob"] = np.zeros((B, T - 1, A.NUM_AXES, STICK_BINS), np.float32)
-    windows = batch["start"] >= 0
-    if windows.any():
-        frames = torch.from_numpy(batch["frames"][windows]).permute(0, 1, 4, 2, 3)  # (b, T, 3, H, W)
+    """Replace each block's frames and window starts by ``IDM.block_sums``: ``button_sum``
+    (B, K+T-2, 17), ``stick_sum`` (B, K+T-2, 4, 11) and ``count`` (B, K+T-2); zeros on end rows."""
+    out = {key: value for key, value in batch.items() if key not in ("frames", "starts")}
+    B, K = batch["starts"].shape
+    sums = K + model.config.frames - 2
+    out["button_sum"] = np.zeros((B, sums, A.NUM_BUTTONS), np.float32)
+    out["stick_sum"] = np.zeros((B, sums, A.NUM_AXES, STICK_BINS), np.float32)
+    out["count"] = np.zeros((B, sums), np.float32)
+    blocks = batch["start"] >= 0
+    if blocks.any():
+        frames = torch.from_numpy(batch["frames"][blocks]).permute(0, 1, 4, 2, 3)  # (b, K+T+1, 3, H, W)
         device = next(model.parameters()).device.type
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            predicted = model.predict(frames)
-        out["button_prob"][windows] = predicted["button_prob"].float().cpu().numpy()
-        out["stick_prob"][windows] = predicted["stick_prob"].float().cpu().numpy()
+            summed = model.block_sums(frames, torch.from_numpy(batch["starts"][blocks]))
+        for key in ("button_sum", "stick_sum", "count"):
+            out[key][blocks] = summed[key].numpy()
     return out
 
 
@@ -328,52 +341,59 @@ class Steps:
 
 
 class StepAverager:
-    """Averages the probabilities of overlapping windows, fed window by window in start order.
+    """Averages the probabilities of overlapping windows, fed block by block in start order.
 
-    Once a window starting at s arrives, no later window touches the transitions before s: they
-    are final. Sums are held for a block of BLOCK transitions; when a window would overflow it,
-    the final ones are averaged, decoded and released (one torch call per block, memory flat).
+    A block starting at s adds its windows' probability sums over transitions s..s+K+T-3 and
+    sets the frame statistics of the transitions it owns; later blocks start after it, so once
+    it arrives the transitions before s are final. Sums are held for a stretch of BLOCK
+    transitions (at least one block's); when a block would overflow it, the final ones are
+    averaged, decoded and released (one torch call per stretch, memory flat).
     """
 
-    AVERAGED = ("button_prob", "stick_prob", "brightness", "motion")
+    SUMMED = ("button_sum", "stick_sum", "count")
+    OWNED = ("brightness", "motion")
     BLOCK = 1024
 
     def __init__(self) -> None:
-        self.first = 0  # transition index of the sums' row 0
-        self.used = 0  # rows of the sums touched so far
-        self.sums: dict[str, np.ndarray] = {}
-        self.count = np.zeros(self.BLOCK, np.float32)
+        self.first = 0  # transition index of the buffers' row 0
+        self.used = 0  # rows of the buffers touched so far
+        self.end = 0  # one past the last transition owned so far
+        self.buffers: dict[str, np.ndarray] = {}
         self.released: list[Steps] = []
 
     def add(self, row: dict) -> None:
-        start, n = int(row["start"]), len(row["button_prob"])  # n = T - 1
-        if start + n - self.first > self.BLOCK:
+        start, length, steps = int(row["start"]), len(row["count"]), int(row["steps"])
+        if not self.buffers:
+            rows = max(self.BLOCK, length)
+            self.buffers = {key: np.zeros((rows, *np.shape(row[key])[1:]), np.float32)
+                            for key in self.SUMMED + self.OWNED}
+        if start + length - self.first > len(self.buffers["count"]):
             self._release(start)
-        if not self.sums:
-            self.sums = {key: np.zeros((self.BLOCK, *np.shape(row[key])[1:]), np.float32) for key in self.AVERAGED}
-        rows = slice(start - self.first, start - self.first + n)
-        for key in self.AVERAGED:
-            self.sums[key][rows] += row[key]
-        self.count[rows] += 1
-        self.used = max(self.used, rows.stop)
+        at = start - self.first
+        for key in self.SUMMED:
+            self.buffers[key][at:at + length] += row[key]
+        for key in self.OWNED:
+            self.buffers[key][at:at + steps] = row[key][:steps]
+        self.used, self.end = max(self.used, at + length), start + steps
 
     def _release(self, upto: int) -> None:
         k = upto - self.first
         if k <= 0:
             return
-        mean = {key: v[:k] / self.count[:k].reshape(-1, *[1] * (v.ndim - 1)) for key, v in self.sums.items()}
-        button_prob, stick_prob = torch.from_numpy(mean["button_prob"]), torch.from_numpy(mean["stick_prob"])
+        b = self.buffers
+        button_prob = torch.from_numpy(b["button_sum"][:k] / b["count"][:k, None])
+        stick_prob = torch.from_numpy(b["stick_sum"][:k] / b["count"][:k, None, None])
         self.released.append(Steps(idm.decode(button_prob, stick_prob).numpy(),
                                    idm.confidence(button_prob, stick_prob).numpy(),
-                                   mean["brightness"], mean["motion"]))
-        for buffer in (*self.sums.values(), self.count):  # shift the open rows to the front
+                                   b["brightness"][:k].copy(), b["motion"][:k].copy()))
+        for buffer in b.values():  # shift the open rows to the front
             buffer[:self.used - k] = buffer[k:self.used]
             buffer[self.used - k:] = 0
         self.first, self.used = upto, self.used - k
 
     def finish(self) -> Steps:
         """Every transition seen, averaged: (N,) steps for the N + 1 frames of the video."""
-        self._release(self.first + self.used)
+        self._release(self.end)
         if not self.released:
             empty = np.zeros(0, np.float32)
             return Steps(A.idle(0), empty, empty, empty)
@@ -627,13 +647,13 @@ def _local_rows(model: idm.IDM, jobs: list[VideoJob], spec: DecodeSpec, config: 
     Batches never mix videos, so a video's labels do not depend on what was labeled before it
     (a resumed run writes the very bytes an uninterrupted one does).
     """
-    batches = (batch for job in jobs for batch in batch_rows(decode_rows(asdict(job), spec), config.batch_size))
+    batches = (batch for job in jobs for batch in batch_rows(decode_rows(asdict(job), spec), 1))
     for batch in prefetch(batches, config.prefetch):
         yield from unbatch(predict_batch(model, batch, config.bf16))
 
 
 class _RayPredictor:
-    """The IDM as a Ray Data actor: loaded once per actor, then called on batches of windows."""
+    """The IDM as a Ray Data actor: loaded once per actor, then called on blocks of frames."""
 
     def __init__(self, run_dir: str, device: str, bf16: bool):
         self.model, _ = load_idm(Path(run_dir), device)
@@ -661,7 +681,7 @@ def _ray_rows(run_dir: Path, jobs: list[VideoJob], spec: DecodeSpec, config: Lab
                .map_batches(_RayPredictor, fn_constructor_kwargs={"run_dir": str(Path(run_dir).resolve()),
                                                                   "device": "cuda" if gpus else "cpu",
                                                                   "bf16": config.bf16},
-                            batch_size=config.batch_size, batch_format="numpy",
+                            batch_size=1, batch_format="numpy",  # a block is a batch of K windows
                             concurrency=config.ray_actors, num_gpus=gpus))
     yield from dataset.iter_rows()
 

@@ -119,6 +119,18 @@ def read_run_config(run_dir: Path) -> dict:
     return json.loads(file.read_text())
 
 
+class OutdatedCheckpoint(ValueError):
+    """A model config's ``from_dict`` cannot use a checkpoint written in an older format."""
+
+
+def run_model_config(run_dir: Path, config_cls: type):
+    """The model config saved in a run; an outdated one fails naming the checkpoint."""
+    try:
+        return config_cls.from_dict(read_run_config(run_dir)["model"])
+    except OutdatedCheckpoint as e:
+        raise OutdatedCheckpoint(f"checkpoint {run_dir} {e}") from None
+
+
 def load_model(run_dir: Path, ema: bool = True) -> nn.Module:
     """Rebuild a trained model from its run directory, in eval mode on the CPU.
 
@@ -130,7 +142,7 @@ def load_model(run_dir: Path, ema: bool = True) -> nn.Module:
     if model_type not in MODELS:
         importlib.import_module(f"walkthrough.{model_type}")
     config_cls, model_cls = MODELS[model_type]
-    model = model_cls(config_cls.from_dict(saved["model"]))
+    model = model_cls(run_model_config(run_dir, config_cls))
     file = Path(run_dir) / (EMA_FILE if ema and (Path(run_dir) / EMA_FILE).exists() else MODEL_FILE)
     model.load_state_dict(load_file(file))
     return model.eval()
