@@ -251,6 +251,7 @@ def label(
     shard: str = typer.Option("0/1", "--shard", help="i/N: label the i-th of N deterministic slices of the inputs (array jobs)."),
     device: Optional[str] = typer.Option(None, "--device", help="Device of the local backend's IDM [default: cpu]."),
     ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help="IDM replicas in Ray's actor pool [default: 1]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads of the local backend [default: one per core but one, left to decoding]."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Pseudo-label gameplay videos with an IDM, filter them, write a chunk store.
@@ -267,7 +268,7 @@ def label(
                  idle_seconds=idle_seconds, static_motion=static_motion, static_seconds=static_seconds,
                  dark_brightness=dark_brightness, dark_seconds=dark_seconds, min_active_share=min_active_share,
                  min_segment_seconds=min_segment_seconds, stride=stride, batch_size=batch_size, game=game,
-                 device=device, ray_actors=ray_actors)
+                 device=device, ray_actors=ray_actors, threads=threads)
     try:
         config = L.LabelConfig(**{k: v for k, v in given.items() if v is not None}, bf16=bf16,
                                crop_letterbox=crop_letterbox, backend=backend, shard=shard)

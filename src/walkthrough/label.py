@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import queue
 import re
 import shutil
@@ -83,14 +84,16 @@ class LabelConfig:
     backend: str = "local"  # local | ray
     shard: str = "0/1"  # "i/N": label the i-th of N deterministic slices of the inputs
     device: str = "cpu"  # for the local backend; Ray actors take a GPU when the cluster has one
+    threads: int | None = None  # torch threads of the local backend; None: one per core but one,
+    # which the decode thread keeps: on 2 shared cores 2 threads ran 2.5x slower (docs/labeling.md)
     ray_actors: int = 1  # IDM replicas in the Ray actor pool
 
     def __post_init__(self) -> None:
         if self.backend not in ("local", "ray"):
             raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}")
         shard_index(self.shard)  # validates "i/N"
-        if self.batch_size < 1 or self.prefetch < 1:
-            raise ValueError("batch_size and prefetch must be at least 1")
+        if self.batch_size < 1 or self.prefetch < 1 or (self.threads is not None and self.threads < 1):
+            raise ValueError("batch_size, prefetch and threads must be at least 1")
         if not 0.0 <= self.min_active_share <= 1.0:
             raise ValueError(f"min_active_share must be in [0, 1], got {self.min_active_share}")
 
@@ -647,9 +650,14 @@ def _local_rows(model: idm.IDM, jobs: list[VideoJob], spec: DecodeSpec, config: 
     Batches never mix videos, so a video's labels do not depend on what was labeled before it
     (a resumed run writes the very bytes an uninterrupted one does).
     """
-    batches = (batch for job in jobs for batch in batch_rows(decode_rows(asdict(job), spec), 1))
-    for batch in prefetch(batches, config.prefetch):
-        yield from unbatch(predict_batch(model, batch, config.bf16))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) - 1))
+    try:
+        batches = (batch for job in jobs for batch in batch_rows(decode_rows(asdict(job), spec), 1))
+        for batch in prefetch(batches, config.prefetch):
+            yield from unbatch(predict_batch(model, batch, config.bf16))
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _RayPredictor:
