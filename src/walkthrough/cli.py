@@ -97,7 +97,7 @@ def info(
 def train_policy(
     data: list[str] = typer.Option(..., "--data", help="Chunk store, as PATH or PATH:WEIGHT (its sampling share, default 1). Repeat to mix ground truth and pseudo-labels."),
     out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, metrics.jsonl)."),
-    preset: str = typer.Option("cpu", "--preset", help="cpu (2M params, SigLIP 2 from scratch at 64 px) | gpu (NitroGen-sized, 510M, 256 px) | test (smoke tests)."),
+    preset: str = typer.Option("cpu", "--preset", help="cpu (2M params, SigLIP 2 from scratch at 128 px) | gpu (NitroGen-sized, 510M, 256 px) | test (smoke tests)."),
     horizon: int = typer.Option(16, "--horizon", min=1, help="Actions per predicted chunk."),
     context_frames: int = typer.Option(1, "--context-frames", min=1, help="Frames the policy sees, up to now."),
     fps: float = typer.Option(30.0, "--fps", help="Frame and action rate (the recordings' rate)."),
