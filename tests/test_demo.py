@@ -29,6 +29,9 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path):
     commands = [c["command"] for c in report["commands"]]
     for sub in ("record", "train-idm", "eval-idm", "label", "train-policy", "play"):
         assert any(c.startswith(f"walkthrough {sub} ") for c in commands), sub
+    # each model trained for the demo's budget (the flag reached the training loop)
+    for run, minutes in (("idm", config.idm_minutes), ("policy-oracle", config.policy_minutes)):
+        assert json.loads((out / "runs" / run / "config.json").read_text())["train"]["budget_minutes"] == minutes
     markdown = (out / "report.md").read_text()
     assert "walkthrough train-idm" in markdown and "Headline" in markdown
     html = (out / "report.html").read_text()

@@ -165,6 +165,7 @@ def trained(recorded, tmp_path_factory):
 def test_train_idm_writes_a_run_validated_on_held_out_episodes(trained, recorded):
     saved = json.loads((trained / "config.json").read_text())
     assert saved["model_type"] == "idm" and saved["step"] == 4 and saved["model"]["frames"] == 3
+    assert (saved["train"]["batch_size"], saved["train"]["eval_every"], saved["train"]["num_workers"]) == (8, 2, 0)
     assert saved["data"]["sources"] == [str(recorded.resolve())] and saved["data"]["val_episodes"] == 1
     split = json.loads((trained / "split.json").read_text())
     assert len(split["train"]) == 3 and len(split["val"]) == 1 and not set(split["train"]) & set(split["val"])

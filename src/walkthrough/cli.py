@@ -130,6 +130,7 @@ def train_policy(
 
     Example: `walkthrough train-policy --data DATA --data LABELS:0.5 --out RUN --steps 3000`
     """
+    options = dict(locals())  # the training-loop flags: each one named like a TrainConfig field sets it
     from walkthrough import policy
     from walkthrough.train import TrainConfig
     from walkthrough.video import VideoError
@@ -140,11 +141,7 @@ def train_policy(
         config = policy.PolicyConfig(**policy.PRESETS[preset], horizon=horizon, context_frames=context_frames,
                                      fps=fps, sample_steps=sample_steps, freeze_vision=freeze_vision,
                                      game_dropout=game_dropout)
-        train_cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                                schedule=schedule, ema_decay=ema_decay, bf16=bf16, augment=augment,
-                                eval_every=eval_every, ckpt_every=ckpt_every, log_every=log_every,
-                                num_workers=num_workers, seed=seed, budget_minutes=budget_minutes,
-                                clock=clock, max_minutes=max_minutes)
+        train_cfg = TrainConfig.from_dict(options)
         sources = [policy.Source.parse(d) for d in data]
         policy.train_policy(sources, out, config, train_cfg, val_fraction=val_fraction,
                             use_confidence=not no_confidence_weighting,
@@ -329,6 +326,7 @@ def train_idm(
 
     Example: `walkthrough train-idm --data DATA --out RUN --budget-minutes 10`
     """
+    options = dict(locals())  # the training-loop flags: each one named like a TrainConfig field sets it
     from walkthrough import idm
     from walkthrough.train import TrainConfig
     from walkthrough.video import VideoError
@@ -338,11 +336,7 @@ def train_idm(
         if size is not None:
             overrides["size"] = (size, size)
         model_cfg = idm.preset(preset, **overrides)
-        train_cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                                schedule=schedule, ema_decay=ema_decay, bf16=bf16, augment=augment,
-                                eval_every=eval_every, ckpt_every=ckpt_every, log_every=log_every,
-                                num_workers=num_workers, seed=seed, budget_minutes=budget_minutes,
-                                clock=clock, max_minutes=max_minutes)
+        train_cfg = TrainConfig.from_dict(options)
         idm.train_idm(data, out, model_cfg, train_cfg, val_fraction=val_fraction, resume=resume, preload=preload)
     except (ValueError, OSError, VideoError) as e:
         fail(str(e))
