@@ -151,8 +151,8 @@ def main() -> None:
         clips = make_clips(root, args.seconds, args.file_minutes)
         default = max(1, (os.cpu_count() or 1) - 1)  # the labeler's default torch threads
         settings = {
-            f"default (fp32, {default} thr.)": label.LabelConfig(min_confidence=0.0),
-            f"fp32, {CORES} threads": label.LabelConfig(min_confidence=0.0, threads=CORES),
+            f"fp32 (--no-bf16, {default} thr.)": label.LabelConfig(min_confidence=0.0, bf16=False),
+            f"fp32, {CORES} threads": label.LabelConfig(min_confidence=0.0, bf16=False, threads=CORES),
             f"--bf16 ({default} thr.)": label.LabelConfig(min_confidence=0.0, bf16=True),
             f"--bf16, {CORES} threads": label.LabelConfig(min_confidence=0.0, bf16=True, threads=CORES),
         }

@@ -78,12 +78,25 @@ def test_labels_are_a_chunk_store_like_ground_truth(idm_run, walkthroughs, tmp_p
     assert ((item["weight"] > 0) & (item["weight"] <= 1)).all()
 
 
+def test_bf16_is_on_where_native_and_labels_as_fp32_does(idm_run, walkthroughs, tmp_path):
+    assert label.LabelConfig().bf16 == label.idm.native_bf16("cpu")
+    assert label.LabelConfig(bf16=False).bf16 is False
+    clip = sorted(walkthroughs.glob("*.mp4"))[0]
+    steps = {}
+    for bf16 in (False, True):
+        run_label([clip], idm_run, tmp_path / str(bf16), crop_letterbox=False, bf16=bf16)
+        steps[bf16] = pq.read_table(next((tmp_path / str(bf16) / "steps").glob("*.parquet")))
+    same = (label.A.from_table(steps[True]) == label.A.from_table(steps[False])).all(-1).mean()
+    drift = np.abs(steps[True].column("confidence").to_numpy() - steps[False].column("confidence").to_numpy())
+    assert same >= 0.95 and drift.mean() < 0.01
+
+
 @pytest.mark.parametrize("stride, batch_size", [(1, 256), (2, 5)])
 def test_overlapping_windows_average_as_the_idm_does(idm_run, walkthroughs, tmp_path, monkeypatch, stride, batch_size):
     """Streamed in blocks, the averaged labels equal IDM.label over the whole clip in memory."""
     monkeypatch.setattr(label.StepAverager, "BLOCK", 8)  # release many times within one video
     clip = sorted(walkthroughs.glob("*.mp4"))[0]
-    run_label([clip], idm_run, tmp_path, stride=stride, batch_size=batch_size, crop_letterbox=False)
+    run_label([clip], idm_run, tmp_path, stride=stride, batch_size=batch_size, crop_letterbox=False, bf16=False)
     steps = pq.read_table(next((tmp_path / "steps").glob("*.parquet")))
     model = train.load_model(idm_run)
     frames = np.stack([f for _, f in video.iter_frames(clip, FPS, (32, 32))])  # (N, H, W, 3)

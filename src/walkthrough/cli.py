@@ -241,7 +241,7 @@ def label(
     min_segment_seconds: Optional[float] = typer.Option(None, "--min-segment-seconds", help="Drop kept stretches shorter than this [default: 1]."),
     stride: Optional[int] = typer.Option(None, "--stride", help="Frames between window starts, 1 to T-1 [default: 1, as eval-idm]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per IDM call: a block of the video's frames, each encoded once [default: 256]."),
-    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast for the IDM (GPUs, CPUs with AMX)."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast for the IDM [default: on where native: GPUs, CPUs with AMX or AVX512-BF16]."),
     crop_letterbox: bool = typer.Option(True, "--crop-letterbox/--no-crop-letterbox", help="Feed the IDM the picture inside black bars."),
     game: Optional[str] = typer.Option(None, "--game", help="Game name for the metadata [default: other]."),
     backend: str = typer.Option("local", "--backend", help="local | ray (Ray Data; `pip install walkthrough[ray]`)."),
@@ -352,6 +352,7 @@ def eval_idm(
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Write the threshold to RUN/calibration.json for the labeler."),
     raw: bool = typer.Option(False, "--raw", help="Evaluate the raw weights instead of the EMA."),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Evaluate only the first seconds of each episode."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast, as `label` decides it [default: on where native: GPUs, CPUs with AMX or AVX512-BF16]."),
 ) -> None:
     """Evaluate an IDM against the repeat-previous and always-idle baselines, calibrate its confidence, plot.
 
@@ -368,7 +369,7 @@ def eval_idm(
         if not sources:
             raise ValueError("no data: pass --data DATA")
         report = evaluate.evaluate_run(ckpt, sources, out, split=split, target_precision=target_precision,
-                                       ema=not raw, max_seconds=max_seconds, calibrate=calibrate)
+                                       ema=not raw, max_seconds=max_seconds, calibrate=calibrate, bf16=bf16)
     except (ValueError, OSError, VideoError) as e:
         fail(str(e))
     table = Table(title=f"IDM step {report['step']} on {len(report['episodes'])} episodes ({split}): "

@@ -27,7 +27,7 @@ import numpy as np
 from walkthrough import actions as A
 from walkthrough import metrics as M
 from walkthrough.chunks import ChunkStore, StoreError, write_json_atomic
-from walkthrough.idm import CALIBRATION_FILE, SPLIT_FILE, Labelled, label_episode
+from walkthrough.idm import CALIBRATION_FILE, SPLIT_FILE, Labelled, label_episode, native_bf16
 from walkthrough.train import load_model, read_run_config
 
 HEADLINE = ("event_f1", "exact_onset_f1", "button_f1", "button_accuracy", "step_accuracy",
@@ -144,13 +144,14 @@ def json_ready(value):
 
 def evaluate_run(run_dir: Path, sources: list[Path], out: Path, split: str = "held-out",
                  target_precision: float = 0.95, ema: bool = True, max_seconds: float | None = None,
-                 calibrate: bool = True) -> dict:
+                 calibrate: bool = True, bf16: bool | None = None) -> dict:
     """Evaluate the IDM of ``run_dir`` on ``sources``; write ``out/report.json`` and plots, and
     (``calibrate``) the confidence threshold for ``target_precision`` to ``run_dir/calibration.json``.
 
     ``split="held-out"``: every episode of ``sources`` the run did not train on (its held-out
     split when ``sources`` is its training data); ``"all"``: every episode. ``max_seconds`` caps
-    each episode.
+    each episode. ``bf16`` (None: where it is native, as the labeler decides) should match the
+    labeler's, so that the calibrated threshold means the same there.
     """
     if split not in ("held-out", "all"):
         raise ValueError(f"split must be 'held-out' or 'all', got {split!r}")
@@ -168,8 +169,11 @@ def evaluate_run(run_dir: Path, sources: list[Path], out: Path, split: str = "he
             raise StoreError(f"{', '.join(map(str, sources))}: the run trained on every episode here")
     if not episodes:
         raise StoreError(f"{', '.join(map(str, sources))}: no episode has its video file")
-    rows = Labelled.concat([label_episode(model, e, max_seconds=max_seconds) for e in episodes])
+    if bf16 is None:
+        bf16 = native_bf16(next(model.parameters()).device)
+    rows = Labelled.concat([label_episode(model, e, max_seconds=max_seconds, bf16=bf16) for e in episodes])
     report = {"run": str(Path(run_dir).resolve()), "step": saved["step"], "weights": "ema" if ema else "raw",
+              "bf16": bf16,
               "data": [str(Path(s).resolve()) for s in sources], "split": split,
               "episodes": [e.video_id for e in episodes], "model": saved["model"],
               **build_report(rows, target_precision)}

@@ -391,6 +391,19 @@ def confidence(button_prob: Tensor, stick_prob: Tensor) -> Tensor:
 
 
 # --- 4. Calibration written by eval-idm ---------------------------------------------------------------
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether bf16 autocast pays at inference on ``device``: GPUs with bf16, CPUs with AMX or
+    AVX512-BF16 (2.8x on the CPU preset, the same actions; docs/labeling.md). Elsewhere bf16 is
+    emulated and slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, probe, lambda: False)()
+                   for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return False
+
+
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -430,14 +443,16 @@ class Labelled:
 
 
 def label_episode(model: IDM, episode: Episode, frames: np.ndarray | None = None,
-                  max_seconds: float | None = None) -> Labelled:
+                  max_seconds: float | None = None, bf16: bool = False) -> Labelled:
     """Run the IDM over a stored episode (decoded at its fps and size unless ``frames`` are given)
     and pair every transition with the true action of that step."""
     c = model.config
     if frames is None:
         max_frames = int(max_seconds * c.fps) + 1 if max_seconds else None
         frames = decode_episode(episode, c.fps, c.size, max_frames)  # (N, H, W, 3)
-    out = model.label(torch.from_numpy(frames).permute(0, 3, 1, 2))
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        out = model.label(torch.from_numpy(frames).permute(0, 3, 1, 2))
     times = episode.start_time + np.arange(len(frames) - 1) / c.fps
     true, valid = episode.actions_at(times, 1.0 / c.fps)
     segment = np.cumsum(~valid)  # a new stretch after every unlabelled step

@@ -65,7 +65,7 @@ class LabelConfig:
     batch_size: int = 256  # window starts per IDM call: a block of K + T + 1 frames, encoded once
     prefetch: int = 4  # blocks decoded ahead of the IDM (bounds memory)
     crop_letterbox: bool = True  # find black bars and feed the IDM the picture inside them
-    bf16: bool = False  # bfloat16 autocast for the IDM: faster on GPUs and CPUs with AMX
+    bf16: bool | None = None  # bfloat16 autocast for the IDM; None: where native (idm.native_bf16)
     # filters: a stretch is dropped when its condition holds for at least the given seconds
     min_confidence: float | None = None  # None: the threshold `walkthrough eval-idm` calibrated
     low_confidence_seconds: float = 0.2  # brief dips (a press's onset) stay, with their low weight
@@ -92,6 +92,8 @@ class LabelConfig:
         if self.backend not in ("local", "ray"):
             raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}")
         shard_index(self.shard)  # validates "i/N"
+        if self.bf16 is None:
+            self.bf16 = idm.native_bf16(self.device)
         if self.batch_size < 1 or self.prefetch < 1 or (self.threads is not None and self.threads < 1):
             raise ValueError("batch_size, prefetch and threads must be at least 1")
         if not 0.0 <= self.min_active_share <= 1.0:
