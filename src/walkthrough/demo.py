@@ -38,6 +38,7 @@ from walkthrough.chunks import ChunkStore, write_json_atomic
 
 console = Console(stderr=True)
 POLICIES = ("labeled-only", "labeled+pseudo", "oracle")
+UNTIL_BUDGET = 1_000_000  # --steps for the demo's models: their time budget ends them, as on any machine
 
 
 @dataclass
@@ -125,6 +126,7 @@ def run_demo(out: Path, config: DemoConfig) -> dict:
     idm_run = runs / "idm"
     stage.run("train the IDM on the labeled set", "train-idm", "--data", labeled, "--out", idm_run,
               "--frames", config.idm_frames, "--fps", config.fps, "--budget-minutes", config.idm_minutes,
+              "--steps", UNTIL_BUDGET,
               "--val-fraction", 0.2, "--eval-every", 100_000, "--seed", seed)
     stage.run("evaluate + calibrate the IDM (held-out labeled episodes)", "eval-idm", "--ckpt", idm_run,
               "--data", labeled, "--split", "held-out", "--out", evals / "idm-heldout")
@@ -147,7 +149,8 @@ def run_demo(out: Path, config: DemoConfig) -> dict:
     for name, sources in mixtures.items():
         stage.run(f"train policy: {name}", "train-policy", *[a for s in sources for a in ("--data", s)],
                   "--out", runs / f"policy-{name}", "--preset", config.policy_preset, "--fps", config.fps,
-                  "--budget-minutes", config.policy_minutes, "--eval-every", 100_000, "--seed", seed)
+                  "--budget-minutes", config.policy_minutes, "--steps", UNTIL_BUDGET, "--eval-every", 100_000,
+                  "--seed", seed)
     for name in mixtures:
         for game in config.all_games:
             stage.run(f"play {game} with policy {name}", "play", "--ckpt", runs / f"policy-{name}",
