@@ -44,6 +44,9 @@ def test_recovered_share():
     assert recovered_share(labeled=2.0, pseudo=5.0, oracle=8.0) == 0.5
     assert recovered_share(labeled=2.0, pseudo=1.0, oracle=6.0) == -0.25
     assert recovered_share(labeled=3.0, pseudo=5.0, oracle=3.0) is None  # no gain to recover
+    # a gain under 10% of the expert's lead over random is noise: no share of it is reported
+    assert recovered_share(labeled=-20.2, pseudo=-19.0, oracle=-19.0, span=22.2) is None
+    assert recovered_share(labeled=0.0, pseudo=0.0, oracle=7.6, span=8.6) == 0.0
 
 
 def test_html_rendering_escapes_and_keeps_tables():
