@@ -277,7 +277,7 @@ class IDM(nn.Module):
                 "actions": decode(button_prob, stick_prob), "confidence": confidence(button_prob, stick_prob)}
 
     @torch.inference_mode()
-    def block_sums(self, frames: Tensor, starts: Tensor) -> dict[str, Tensor]:
+    def block_sums(self, frames: Tensor, starts: Tensor, bf16: bool = False) -> dict[str, Tensor]:
         """Every frame of a block encoded once, then the windows asked for, their probabilities
         summed per transition: what ``label`` and the streaming labeler average.
 
@@ -285,18 +285,20 @@ class IDM(nn.Module):
             the last windows reach beyond them, and a context frame on each side;
         starts (B, K) bool: run the window starting at block frame i (its transitions i..i+T-2).
         Returns ``button_sum`` (B, K+T-2, 17), ``stick_sum`` (B, K+T-2, 4, 11) and ``count``
-        (B, K+T-2): how many windows cover each transition; on the CPU.
+        (B, K+T-2): how many windows cover each transition; on the CPU. ``bf16``: autocast the
+        model (see ``native_bf16``).
         """
         T, (B, K) = self.config.frames, starts.shape
         frames = frames.to(next(self.parameters()).device)
         device = frames.device
-        # A few dozen frames per conv call stay in the CPU's caches: 1.5x faster than 256 at once.
-        # Each call's first and last frame are context, so no frame is encoded twice.
-        features = torch.cat([self.encode_frames(frames[:, a:a + ENCODE_BATCH + 2], context=True)
-                              for a in range(0, K + T - 1, ENCODE_BATCH)], dim=1)  # (B, K+T-1, D)
-        windows = features.unfold(1, T, 1).transpose(-1, -2)  # (B, K, T, D): window i = features i..i+T-1
         b, i = starts.to(device).nonzero(as_tuple=True)
-        button_logits, stick_logits = self.temporal(windows[b, i])  # (W, T-1, ...)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            # A few dozen frames per conv call stay in the CPU's caches: 1.5x faster than 256 at
+            # once. Each call's first and last frame are context, so no frame is encoded twice.
+            features = torch.cat([self.encode_frames(frames[:, a:a + ENCODE_BATCH + 2], context=True)
+                                  for a in range(0, K + T - 1, ENCODE_BATCH)], dim=1)  # (B, K+T-1, D)
+            windows = features.unfold(1, T, 1).transpose(-1, -2)  # (B, K, T, D): window i = features i..i+T-1
+            button_logits, stick_logits = self.temporal(windows[b, i])  # (W, T-1, ...)
         # flat index of each window's transitions in the (B, K+T-2) output
         rows = (b * (K + T - 2) + i)[:, None] + torch.arange(T - 1, device=device)  # (W, T-1)
         rows = rows.flatten().cpu()
@@ -311,7 +313,7 @@ class IDM(nn.Module):
                 "count": count.view(B, K + T - 2)}
 
     @torch.inference_mode()
-    def label(self, frames: Tensor, stride: int = 1, block: int = 256) -> dict[str, Tensor]:
+    def label(self, frames: Tensor, stride: int = 1, block: int = 256, bf16: bool = False) -> dict[str, Tensor]:
         """Actions for every transition of a clip: frames (N, 3, H, W) uint8 -> (N-1, ...) as ``predict``.
 
         Each frame is encoded once (the clip's ends repeated as context), then windows of T
@@ -334,7 +336,7 @@ class IDM(nn.Module):
         count = torch.zeros(N - 1)
         for s in range(0, N - T + 1, block):
             k = min(block, N - T + 1 - s)  # window starts s..s+k-1 need frames s-1..s+k+T-1
-            out = self.block_sums(padded[None, s:s + k + T + 1], starts[None, s:s + k])
+            out = self.block_sums(padded[None, s:s + k + T + 1], starts[None, s:s + k], bf16)
             button_sum[s:s + k + T - 2] += out["button_sum"][0]
             stick_sum[s:s + k + T - 2] += out["stick_sum"][0]
             count[s:s + k + T - 2] += out["count"][0]
@@ -344,11 +346,15 @@ class IDM(nn.Module):
                 "actions": decode(button_prob, stick_prob), "confidence": confidence(button_prob, stick_prob)}
 
 
+def check_stride(T: int, stride: int) -> None:
+    if not 1 <= stride <= T - 1:
+        raise ValueError(f"stride must be in 1..{T - 1} so that windows cover every transition, got {stride}")
+
+
 def window_starts(n: int, T: int, stride: int) -> Tensor:
     """Which of the n - T + 1 possible windows of an n-frame clip to run: one every ``stride``
     frames, plus the one that ends on the last frame, so every transition is covered. (n-T+1,) bool."""
-    if not 1 <= stride <= T - 1:
-        raise ValueError(f"stride must be in 1..{T - 1} so that windows cover every transition, got {stride}")
+    check_stride(T, stride)
     starts = torch.zeros(n - T + 1, dtype=torch.bool)
     starts[::stride] = True
     starts[-1] = True
@@ -450,9 +456,7 @@ def label_episode(model: IDM, episode: Episode, frames: np.ndarray | None = None
     if frames is None:
         max_frames = int(max_seconds * c.fps) + 1 if max_seconds else None
         frames = decode_episode(episode, c.fps, c.size, max_frames)  # (N, H, W, 3)
-    device = next(model.parameters()).device.type
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-        out = model.label(torch.from_numpy(frames).permute(0, 3, 1, 2))
+    out = model.label(torch.from_numpy(frames).permute(0, 3, 1, 2), bf16=bf16)
     times = episode.start_time + np.arange(len(frames) - 1) / c.fps
     true, valid = episode.actions_at(times, 1.0 / c.fps)
     segment = np.cumsum(~valid)  # a new stretch after every unlabelled step

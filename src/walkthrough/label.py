@@ -124,8 +124,7 @@ class DecodeSpec:
     @staticmethod
     def for_model(config: idm.IDMConfig, label_config: LabelConfig) -> "DecodeSpec":
         T, stride = config.frames, label_config.stride
-        if not 1 <= stride <= T - 1:
-            raise ValueError(f"stride must be in 1..{T - 1} so that windows cover every transition, got {stride}")
+        idm.check_stride(T, stride)
         return DecodeSpec(T, float(config.fps), tuple(config.size), stride, label_config.batch_size,
                           label_config.crop_letterbox)
 
@@ -296,9 +295,7 @@ def predict_batch(model: idm.IDM, batch: dict[str, np.ndarray], bf16: bool = Fal
     blocks = batch["start"] >= 0
     if blocks.any():
         frames = torch.from_numpy(batch["frames"][blocks]).permute(0, 1, 4, 2, 3)  # (b, K+T+1, 3, H, W)
-        device = next(model.parameters()).device.type
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            summed = model.block_sums(frames, torch.from_numpy(batch["starts"][blocks]))
+        summed = model.block_sums(frames, torch.from_numpy(batch["starts"][blocks]), bf16)
         for key in ("button_sum", "stick_sum", "count"):
             out[key][blocks] = summed[key].numpy()
     return out
