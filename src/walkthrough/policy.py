@@ -61,9 +61,6 @@ def large_vision() -> dict:
 class PolicyConfig:
     # what the policy sees and does
     image_size: int = 128  # square input, pixels
-    # convolutional stem before SigLIP 2 (ViT-hybrid): channels per stage, each conv 3x3 + ReLU + max-pool /2;
-    # SigLIP 2 then patchifies the feature map. () = SigLIP's own linear patches of pixels (pretrained weights)
-    stem: tuple[int, ...] = ()
     context_frames: int = 1  # frames up to and including "now" (NitroGen: 1)
     horizon: int = 16  # actions per predicted chunk (NitroGen: 16-18)
     fps: float = 30.0  # frame and action rate the policy was trained at
@@ -74,9 +71,6 @@ class PolicyConfig:
     # image-token self-attention layers and DiT action head
     width: int = 128
     neck_layers: int = 2
-    # the image tokens, squeezed to this many features each and flattened, join the DiT's adaLN condition
-    # (with the timestep and game), so the head reads where things are without learning to attend; 0 = off
-    summary_dim: int = 0
     dit_layers: int = 4  # alternate cross-attention (even) and self-attention (odd) blocks
     heads: int = 4
     mlp_ratio: float = 4.0
@@ -87,26 +81,13 @@ class PolicyConfig:
     game_dropout: float = 0.1  # training-time probability of the null game (enables CFG)
 
     def __post_init__(self) -> None:
-        self.stem = tuple(int(c) for c in self.stem)
-        if self.image_size % self.pixels_per_token:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of {self.pixels_per_token} "
-                             f"(the patch size {self.vision['patch_size']} x the stem's /{2 ** len(self.stem)})")
+        patch = self.vision["patch_size"]
+        if self.image_size % patch:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the patch size {patch}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if min(self.context_frames, self.horizon, self.sample_steps) < 1:
             raise ValueError("context_frames, horizon and sample_steps must be >= 1")
-        if self.summary_dim < 0:
-            raise ValueError(f"summary_dim must be >= 0, got {self.summary_dim}")
-
-    @property
-    def pixels_per_token(self) -> int:
-        """Side of the square of input pixels behind one image token."""
-        return self.vision["patch_size"] * 2 ** len(self.stem)
-
-    @property
-    def image_tokens(self) -> int:
-        """Image tokens the DiT reads: per context frame, one per token square."""
-        return self.context_frames * (self.image_size // self.pixels_per_token) ** 2
 
     @classmethod
     def from_dict(cls, data: dict) -> "PolicyConfig":
@@ -120,16 +101,12 @@ class PolicyConfig:
 
 PRESETS: dict[str, dict] = {
     # ~0.1M parameters, 32 px: seconds to train; for tests and smoke runs, not for playing.
-    "test": dict(image_size=32, stem=(8,), vision=dict(tiny_vision(), hidden_size=32, intermediate_size=64,
-                                                       num_hidden_layers=1, num_attention_heads=2, patch_size=4,
-                                                       num_patches=16),
-                 width=32, neck_layers=1, summary_dim=4, dit_layers=2, heads=2),
+    "test": dict(image_size=32, vision=dict(tiny_vision(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, num_patches=16),
+                 width=32, neck_layers=1, dit_layers=2, heads=2),
     # ~2M parameters; plays in real time on one CPU thread. 128 px, not 64: an Atari ball is ~2x2 px
-    # there instead of one dim pixel. A conv stem in front of SigLIP 2: its linear 8 px patches, trained
-    # from scratch, did not pick up a ball that small (docs/policy.md); max-pooled convolutions keep it.
-    # The DiT also reads a flattened summary of the image tokens in its condition (docs/policy.md says why).
-    "cpu": dict(image_size=128, stem=(16, 32), vision=dict(tiny_vision(), patch_size=2), width=128,
-                neck_layers=2, summary_dim=8, dit_layers=4, heads=4),
+    # there instead of one dim pixel, which a from-scratch encoder did not pick up (docs/policy.md).
+    "cpu": dict(image_size=128, vision=tiny_vision(), width=128, neck_layers=2, dit_layers=4, heads=4),
     # NitroGen-sized: SigLIP 2 large at 256 px (load its weights with --vision-pretrained) + a wide DiT.
     "gpu": dict(image_size=256, vision=large_vision(), width=1024, neck_layers=4, dit_layers=8, heads=16),
 }
@@ -233,21 +210,6 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class ConvStem(nn.Sequential):
-    """The ViT-hybrid stem (ViT paper, section 3.1): per stage conv 3x3 + ReLU + max-pool /2.
-
-    (B, 3, H, W) -> (B, C, H / 2^k, W / 2^k). Max-pooling keeps a one-pixel object at full strength,
-    where a linear patch embedding has to learn it from one of p*p*3 inputs.
-    """
-
-    def __init__(self, channels: tuple[int, ...]):
-        layers, c_in = [], 3
-        for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1)]
-            c_in = c
-        super().__init__(*layers)
-
-
 class Policy(nn.Module):
     """SigLIP 2 + DiT flow-matching policy over chunks of ``horizon`` gamepad actions."""
 
@@ -256,18 +218,13 @@ class Policy(nn.Module):
         self.config = config
         D, vision = config.width, config.vision
         # --- image tokens
-        self.stem = ConvStem(config.stem)  # empty: the identity
-        channels = config.stem[-1] if config.stem else 3
-        self.vision = Siglip2VisionModel(Siglip2VisionConfig(**vision, num_channels=channels, vision_use_head=False))
+        self.vision = Siglip2VisionModel(Siglip2VisionConfig(**vision, vision_use_head=False))
         self.vision_proj = nn.Linear(vision["hidden_size"], D)
         self.frame_pos = nn.Parameter(torch.zeros(config.context_frames, 1, D))  # which context frame
         layer = nn.TransformerEncoderLayer(D, config.heads, int(D * config.mlp_ratio), dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.neck = nn.TransformerEncoder(layer, config.neck_layers, norm=nn.LayerNorm(D),
                                           enable_nested_tensor=False)
-        self.summary = (nn.Sequential(nn.Linear(D, config.summary_dim), nn.Flatten(1),
-                                      nn.Linear(config.image_tokens * config.summary_dim, D))
-                        if config.summary_dim else None)  # (B, S, D) -> (B, D)
         # --- action head
         self.action_in = nn.Linear(A.ACTION_DIM, D)
         self.action_pos = nn.Parameter(torch.zeros(config.horizon, D))
@@ -290,8 +247,7 @@ class Policy(nn.Module):
             table.copy_(sincos_2d(math.isqrt(table.shape[0]), table.shape[1]))
         # The head: DiT's init: Xavier linears, small position embeddings, and adaLN-Zero: every block
         # and the output start as the identity / zero, so training begins from a stable, small network.
-        for module in [self.vision_proj, self.neck, self.summary or nn.Identity(), self.action_in, self.time_mlp,
-                       self.blocks, self.final]:
+        for module in [self.vision_proj, self.neck, self.action_in, self.time_mlp, self.blocks, self.final]:
             for m in module.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.xavier_uniform_(m.weight)
@@ -309,10 +265,10 @@ class Policy(nn.Module):
     def encode(self, frames: Tensor) -> Tensor:
         """(B, F, 3, H, W) uint8 frames -> (B, F*N, D) image tokens."""
         B, Fr = frames.shape[:2]  # (F is torch.nn.functional here)
-        side = self.config.image_size // self.config.pixels_per_token
+        patch = self.config.vision["patch_size"]
+        side = self.config.image_size // patch
         pixels = frames.flatten(0, 1).float() / 127.5 - 1.0  # SigLIP normalisation: mean 0.5, std 0.5
-        features = self.stem(pixels)  # (B*F, C, H', W'): the pixels themselves without a stem
-        patches = patchify(features, self.config.vision["patch_size"])  # (B*F, N, p*p*C)
+        patches = patchify(pixels, patch)  # (B*F, N, p*p*3)
         out = self.vision(
             pixel_values=patches,
             pixel_attention_mask=torch.ones(patches.shape[:2], dtype=torch.long, device=frames.device),
@@ -324,8 +280,6 @@ class Policy(nn.Module):
     def velocity(self, x: Tensor, t: Tensor, image: Tensor, game: Tensor) -> Tensor:
         """The DiT: noisy chunk x (B, T, 21) at times t (B,) -> predicted velocity (B, T, 21)."""
         cond = self.time_mlp(timestep_embedding(t, self.config.width)) + self.game_embed(game)  # (B, D)
-        if self.summary is not None:
-            cond = cond + self.summary(image)
         h = self.action_in(x) + self.action_pos  # (B, T, D)
         for block in self.blocks:
             h = block(h, cond, image)
@@ -403,8 +357,7 @@ def with_pretrained_vision(config: PolicyConfig, directory: Path | str) -> Polic
                                                       output_loading_info=True)
     if info["missing_keys"]:
         raise ValueError(f"{directory}: not a SigLIP 2 vision checkpoint (missing e.g. {sorted(info['missing_keys'])[0]})")
-    # pretrained patch embeddings read pixels, so no conv stem goes in front of them
-    policy = Policy(replace(config, stem=(), vision={k: getattr(vision.config, k) for k in VISION_KEYS}))
+    policy = Policy(replace(config, vision={k: getattr(vision.config, k) for k in VISION_KEYS}))
     policy.vision.load_state_dict(vision.state_dict())
     return policy
 
