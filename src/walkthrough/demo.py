@@ -56,7 +56,7 @@ class DemoConfig:
     episode_seconds: float = 60.0  # cap on each recorded episode
     fps: float = 30.0
     idm_minutes: float = 6.0
-    idm_frames: int = 4
+    idm_frames: int = 2
     policy_minutes: float = 3.0
     policy_preset: str = "cpu"
     play_episodes: int = 5

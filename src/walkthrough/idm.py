@@ -56,7 +56,7 @@ INPUT_FORMAT = 2
 @dataclass
 class IDMConfig:
     # what the model sees: a labeler resamples video to this rate and size
-    frames: int = 4  # T, the window; T - 1 actions are predicted (T = 4 won the ablation in docs/idm.md)
+    frames: int = 2  # T, the window (plus a context frame each side): T - 1 actions (T = 2 won the ablation)
     size: tuple[int, int] = (64, 64)  # (H, W) input pixels
     fps: float = 30.0
     # per-frame encoder: an IMPALA ResNet, one stage per entry (each halves the resolution)
