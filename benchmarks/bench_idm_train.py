@@ -1,6 +1,6 @@
 """IDM training throughput: the real data loader vs. the same model on in-memory tensors.
 
-    python benchmarks/bench_idm_train.py [--data DATA] [--frames 4] [--size 64] [--workers 1]
+    python benchmarks/bench_idm_train.py [--data DATA] [--frames 2] [--size 64] [--workers 1]
 
 Both paths run the training loop's step (bf16 autocast, AdamW, clipping) on the same model;
 the loader path also draws, decodes (or indexes) and augments windows in its worker processes,
@@ -32,7 +32,7 @@ from torch import nn
 
 from walkthrough.chunks import ChunkStore
 from walkthrough.dataset import WindowDataset, WindowSpec
-from walkthrough.idm import IDM, describe, preset
+from walkthrough.idm import IDM, IDMConfig, describe, preset
 from walkthrough.train import TrainConfig, make_loader
 
 
@@ -62,7 +62,7 @@ def peak_rss_mb() -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="chunk store (default: record a small one)")
-    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=IDMConfig.frames, help="T (default: the IDM default)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
