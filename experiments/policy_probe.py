@@ -45,7 +45,7 @@ def cnn(image_size: int) -> nn.Module:
         layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1)]
         c_in = c
     side = image_size // 8
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(32 * side * side, 128), nn.ReLU(), nn.Linear(128, 4))
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(32 * side * side, 128), nn.ReLU(), nn.Linear(128, len(CLASSES)))
 
 
 class PolicyEncoderProbe(nn.Module):

@@ -298,7 +298,7 @@ def train_idm(
     data: Optional[list[Path]] = typer.Option(None, "--data", help="Chunk store with true actions; repeat to train on several. Optional with --resume."),
     out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, metrics.jsonl)."),
     preset: str = typer.Option("cpu", "--preset", help="cpu (0.8M params, 64 px) | gpu (25M params, 128 px)."),
-    frames: int = typer.Option(2, "--frames", min=2, help="T: frames per window; the T-1 actions between them are predicted."),
+    frames: Optional[int] = typer.Option(None, "--frames", min=2, help="T: frames per window; the T-1 actions between them are predicted [default: the IDM's, 2]."),
     size: Optional[int] = typer.Option(None, "--size", min=8, help="Input height = width in pixels (default: the preset's)."),
     fps: float = typer.Option(30.0, "--fps", help="Frame rate the IDM sees (the recordings' rate)."),
     pos_weight: float = typer.Option(1.0, "--pos-weight", min=0.0, help="Weight of pressed buttons in the loss (>1 trades calibration for recall)."),
@@ -332,7 +332,9 @@ def train_idm(
     from walkthrough.video import VideoError
 
     try:
-        overrides = dict(frames=frames, fps=fps, button_pos_weight=pos_weight)
+        overrides = dict(fps=fps, button_pos_weight=pos_weight)
+        if frames is not None:
+            overrides["frames"] = frames
         if size is not None:
             overrides["size"] = (size, size)
         model_cfg = idm.preset(preset, **overrides)
