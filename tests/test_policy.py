@@ -133,7 +133,23 @@ def test_checkpoint_round_trip_gives_identical_actions(recorded, tmp_path):
     a = policy.eval().sample(frames, generator=torch.Generator().manual_seed(0))
     b = loaded.sample(frames, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
-    assert load_model(run).config == loaded.config  # the EMA weights load too
+    ema = load_model(run)
+    assert ema.config == loaded.config  # the EMA weights load too
+    # Token statistics are recomputed for each set of weights: the EMA's are its own.
+    assert not torch.equal(ema.token_norm.running_mean, loaded.token_norm.running_mean)
+
+
+def test_standardized_tokens_are_centred_on_the_data_they_were_measured_on():
+    torch.manual_seed(0)
+    cfg = config()
+    policy = Policy(cfg)
+    batches = [toy_batch(cfg, batch=8, seed=s) for s in range(4)]
+    from walkthrough.train import recompute_batchnorm
+    recompute_batchnorm(policy, batches, torch.device("cpu"))
+    with torch.no_grad():
+        tokens = torch.cat([policy.eval().encode(b["frames"]) for b in batches])  # (32, N, D)
+    assert tokens.mean(0).abs().max() < 1e-4 and 0.5 < tokens.std(0).mean() < 1.5
+    assert Policy(config(standardize_tokens=False)).token_norm is None
 
 
 @pytest.mark.parametrize("full_model", [False, True])

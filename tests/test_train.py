@@ -98,6 +98,36 @@ def test_checkpoint_holds_configs_weights_and_ema(tmp_path):
     assert torch.equal(ema.pos, weights(run, T.EMA_FILE)["pos"]) and not torch.equal(ema.pos, raw.pos)
 
 
+class NormedFeatures(torch.nn.Module):
+    """A linear feature + BatchNorm, with the ``loss(batch)`` the training loop calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 4)
+        self.norm = torch.nn.BatchNorm1d(4, affine=False)
+
+    def features(self, batch):
+        return self.linear(batch["frames"].float().mean((1, 3, 4)))  # (B, 4)
+
+    def loss(self, batch):
+        return self.norm(self.features(batch)).square().mean(), {}
+
+
+def test_precise_batchnorm_uses_exact_statistics_of_the_current_weights():
+    torch.manual_seed(0)
+    model = NormedFeatures().eval()
+    loader = torch.utils.data.DataLoader(ToyWindows(32), batch_size=8)
+    model.norm.running_mean.fill_(5.0)  # stale statistics, as after weights moved on
+    rng = torch.get_rng_state()
+    T.recompute_batchnorm(model, loader, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's random stream is untouched
+    with torch.no_grad():
+        features = torch.cat([model.features(batch) for batch in loader])  # (32, 4)
+    assert torch.allclose(model.norm.running_mean, features.mean(0), atol=1e-5)
+    assert model.norm.momentum == 0.1 and not model.training
+    T.recompute_batchnorm(fresh_model(), loader, torch.device("cpu"))  # no BatchNorm: nothing to do
+
+
 def test_resume_continues_the_same_run_bit_exactly(tmp_path):
     cfg = config(num_workers=1)  # worker processes too: the order must not depend on them
     whole = T.train(fresh_model(), cfg, ToyWindows(), None, tmp_path / "whole")

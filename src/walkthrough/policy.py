@@ -68,6 +68,11 @@ class PolicyConfig:
     # vision encoder (a Siglip2VisionConfig, architecture keys only)
     vision: dict = field(default_factory=tiny_vision)
     freeze_vision: bool = False
+    # Standardise every image token (position x channel) over the data before the DiT (BatchNorm,
+    # no affine). From scratch, a frame's tokens are nearly the same from one frame to the next (a
+    # ball is a few pixels; SigLIP's LayerNorms give a background token the same scale as the
+    # ball's), and nothing downstream learns to read them (docs/policy.md, "The fix").
+    standardize_tokens: bool = False
     # image-token self-attention layers and DiT action head
     width: int = 128
     neck_layers: int = 2
@@ -103,10 +108,11 @@ PRESETS: dict[str, dict] = {
     # ~0.1M parameters, 32 px: seconds to train; for tests and smoke runs, not for playing.
     "test": dict(image_size=32, vision=dict(tiny_vision(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                             num_attention_heads=2, num_patches=16),
-                 width=32, neck_layers=1, dit_layers=2, heads=2),
+                 standardize_tokens=True, width=32, neck_layers=1, dit_layers=2, heads=2),
     # ~2M parameters; plays in real time on one CPU thread. 128 px, not 64: an Atari ball is ~2x2 px
     # there instead of one dim pixel, which a from-scratch encoder did not pick up (docs/policy.md).
-    "cpu": dict(image_size=128, vision=tiny_vision(), width=128, neck_layers=2, dit_layers=4, heads=4),
+    "cpu": dict(image_size=128, vision=tiny_vision(), standardize_tokens=True, width=128, neck_layers=2, dit_layers=4,
+                heads=4),
     # NitroGen-sized: SigLIP 2 large at 256 px (load its weights with --vision-pretrained) + a wide DiT.
     "gpu": dict(image_size=256, vision=large_vision(), width=1024, neck_layers=4, dit_layers=8, heads=16),
 }
@@ -225,6 +231,10 @@ class Policy(nn.Module):
                                            activation="gelu", batch_first=True, norm_first=True)
         self.neck = nn.TransformerEncoder(layer, config.neck_layers, norm=nn.LayerNorm(D),
                                           enable_nested_tensor=False)
+        tokens = config.context_frames * (config.image_size // vision["patch_size"]) ** 2
+        # Its statistics are recomputed on training batches before every validation and checkpoint
+        # (``train.recompute_batchnorm``), so EMA weights get statistics of their own.
+        self.token_norm = nn.BatchNorm1d(tokens * D, affine=False) if config.standardize_tokens else None
         # --- action head
         self.action_in = nn.Linear(A.ACTION_DIM, D)
         self.action_pos = nn.Parameter(torch.zeros(config.horizon, D))
@@ -275,7 +285,10 @@ class Policy(nn.Module):
             spatial_shapes=torch.tensor([[side, side]], device=frames.device).expand(B * Fr, 2),
         ).last_hidden_state  # (B*F, N, Dv)
         tokens = self.vision_proj(out).view(B, Fr, -1, self.config.width) + self.frame_pos  # (B, F, N, D)
-        return self.neck(tokens.flatten(1, 2))  # (B, F*N, D)
+        tokens = self.neck(tokens.flatten(1, 2))  # (B, F*N, D)
+        if self.token_norm is not None:
+            tokens = self.token_norm(tokens.flatten(1)).view(tokens.shape)
+        return tokens
 
     def velocity(self, x: Tensor, t: Tensor, image: Tensor, game: Tensor) -> Tensor:
         """The DiT: noisy chunk x (B, T, 21) at times t (B,) -> predicted velocity (B, T, 21)."""

@@ -70,6 +70,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0 disables EMA
     eval_every: int = 500
     eval_samples: int = 2048  # validation windows, evenly spread over the held-out split
+    batchnorm_samples: int = 512  # training windows that set BatchNorm statistics (models with BatchNorm)
     ckpt_every: int = 1000
     log_every: int = 50
     num_workers: int = 1
@@ -95,7 +96,8 @@ class TrainConfig:
 
 
 # Fields that may change when a run is resumed: they do not touch the optimisation itself.
-RESUMABLE_CHANGES = ("max_minutes", "num_workers", "log_every", "eval_every", "ckpt_every", "eval_samples")
+RESUMABLE_CHANGES = ("max_minutes", "num_workers", "log_every", "eval_every", "ckpt_every", "eval_samples",
+                     "batchnorm_samples")
 
 
 def resumed_config(saved: TrainConfig, new: TrainConfig) -> TrainConfig:
@@ -230,6 +232,31 @@ def validation_loader(dataset: Dataset, cfg: TrainConfig) -> DataLoader:
     index = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), cfg.eval_samples)).astype(int))
     return DataLoader(Subset(dataset, index.tolist()), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                       persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, batches: DataLoader, device: torch.device) -> None:
+    """Precise BatchNorm: set every BatchNorm's running statistics to their exact average over
+    ``batches`` under ``model``'s current weights (a no-op for models without BatchNorm).
+
+    The running averages kept during training trail weights that keep moving, and the EMA model
+    copies the live model's, which do not belong to its weights; a model whose BatchNorm amplifies
+    small differences (the policy's ``token_norm``) is thrown off by either.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    model.train()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's RNG stays as it was
+        for batch in batches:
+            model.loss({k: v.to(device) for k, v in batch.items()})
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 # --- 4. Schedule and EMA --------------------------------------------------------------------------------
@@ -399,17 +426,29 @@ def train(model: nn.Module, train_cfg: TrainConfig, train_set: Dataset, val_set:
 
     batches = iter(make_loader(train_set, cfg, step, env.rank, env.world))
     val_batches = validation_loader(val_set, cfg) if val_set is not None and env.main else None
+    # Unaugmented training windows for ``recompute_batchnorm`` (only models with BatchNorm use them).
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    norm_batches = (validation_loader(train_set, dataclasses.replace(cfg, eval_samples=cfg.batchnorm_samples))
+                    if has_batchnorm and env.main else None)
     if state is not None:  # after the loaders, which must not shift the restored RNG streams
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
+    def precise_batchnorm() -> None:
+        if norm_batches is not None:
+            for m in (model, ema):
+                if m is not None:
+                    recompute_batchnorm(m, norm_batches, env.device)
+
     def checkpoint() -> None:
         if env.main:
+            precise_batchnorm()
             save_checkpoint(out, model, ema, optimizer, cfg, step, train_seconds, model_type, data)
 
     def validate() -> None:
         if env.main and (val_batches is not None or evaluate is not None):
+            precise_batchnorm()
             log.write(step, "val", run_validation(ema if ema is not None else model, val_batches,
                                                   evaluate, env.device, cfg.bf16))
 
