@@ -5,8 +5,10 @@ cross-entropy loss, on the policy's own training items (``PolicyDataset``, the `
 classify the first action of each window as none / left / right / fire from its frame.
 
     python experiments/policy_probe.py --data DATA --encoder cnn      # a 3-stage conv net + MLP
-    python experiments/policy_probe.py --data DATA --encoder policy   # the policy's SigLIP 2 + neck,
+    python experiments/policy_probe.py --data DATA --encoder policy   # the policy's SigLIP 2 + neck
+                                                                      #   (+ token standardisation),
                                                                       #   attention-pooled, + linear
+    python experiments/policy_probe.py --data DATA --encoder policy --raw-tokens   # without it
 Prints held-out accuracy and left / right F1 every 100 steps (``--eval-every``), beside the majority class's accuracy.
 Results and commands: docs/policy.md ("Why it does not learn").
 """
@@ -15,15 +17,18 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import default_collate
 
 from walkthrough import actions as A
 from walkthrough.chunks import ChunkStore
 from walkthrough.dataset import split_episodes
 from walkthrough.policy import PRESETS, Policy, PolicyConfig, PolicyDataset
+from walkthrough.train import recompute_batchnorm
 
 CLASSES = ("none", "left", "right", "fire")
 
@@ -78,9 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="the policy input and encoder")
+    parser.add_argument("--raw-tokens", action="store_true", help="turn the preset's token standardisation off")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     config = PolicyConfig(**PRESETS[args.preset])
+    if args.raw_tokens:
+        config = replace(config, standardize_tokens=False)
     fit, held = split_episodes(list(ChunkStore(args.data)), 0.15)
     train_set = PolicyDataset([(fit[:args.train_episodes], 1.0)], config, preload=True)
     held_set = PolicyDataset([(held[:1], 1.0)], config, preload=True)
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr)
     print(f"{args.encoder}: {sum(p.numel() for p in net.parameters()):,} params, {len(train_set)} training "
           f"windows, held-out majority class {majority:.3f}", flush=True)
-    rng, start = np.random.default_rng(0), time.time()
+    rng, calibration, start = np.random.default_rng(0), np.random.default_rng(1), time.time()
     for step in range(1, args.steps + 1):
         frames, truth = batch(train_set, rng.integers(0, len(train_set), 32))
         loss = nn.functional.cross_entropy(model(frames), truth)
@@ -104,10 +112,16 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         optimizer.step()
         if step % args.eval_every == 0:
+            if args.encoder == "policy":  # token statistics of the current weights, as train-policy keeps them
+                windows = [default_collate([train_set[int(i)] for i in calibration.integers(0, len(train_set), 64)])
+                           for _ in range(8)]
+                recompute_batchnorm(net.policy, windows, torch.device("cpu"))
+            net.eval()
             with torch.no_grad():
                 guess = torch.cat([model(f).argmax(-1) for f in held_frames.split(64)])
             f1 = [2 * ((guess == c) & (held_truth == c)).sum().item()
                   / max(1, (guess == c).sum().item() + (held_truth == c).sum().item()) for c in (1, 2)]
+            net.train()
             print(f"step {step}: loss {loss.item():.3f}  held-out accuracy {(guess == held_truth).float().mean():.3f}"
                   f"  F1 left {f1[0]:.2f} right {f1[1]:.2f}  ({time.time() - start:.0f} s)", flush=True)
 

@@ -71,6 +71,22 @@ def test_offline_grades_first_action_and_chunk(recorded):
     assert _grade(truth, truth)["button_f1"] == 1.0 and _grade(truth, truth)["stick_mae"] == 0.0
 
 
+def test_image_gain_says_whether_the_policy_reads_the_screen(recorded):
+    policy = tiny_policy()
+    with torch.no_grad():
+        for p in policy.parameters():  # past adaLN-Zero's start, where nothing depends on anything
+            p.normal_(0, 0.3)
+    dataset = PolicyDataset([(list(ChunkStore(recorded)), 1.0)], policy.config)
+    reads = evaluate_offline(policy, dataset, max_windows=16, batch_size=8)["image_gain"]
+    with torch.no_grad():
+        for block in policy.blocks:
+            if block.cross:  # the image's only way into the action head
+                block.attn.out.weight.zero_()
+                block.attn.out.bias.zero_()
+    blind = evaluate_offline(policy, dataset, max_windows=16, batch_size=8)["image_gain"]
+    assert abs(reads) > 1e-3 and blind == pytest.approx(0.0, abs=1e-6)
+
+
 def test_cli_trains_plays_and_grades(recorded, tmp_path):
     runner = CliRunner()
     run, out = tmp_path / "run", tmp_path / "play"

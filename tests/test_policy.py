@@ -57,9 +57,10 @@ def test_flow_space_round_trips_schema_actions():
     assert torch.equal(from_flow(flow), actions)
 
 
-def test_loss_decreases_and_samples_have_the_right_shape():
+@pytest.mark.parametrize("image_summary", [False, True])
+def test_loss_decreases_and_samples_have_the_right_shape(image_summary):
     torch.manual_seed(0)
-    cfg = config()
+    cfg = config(image_summary=image_summary)
     policy, batch = Policy(cfg), toy_batch(cfg)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     losses = []
@@ -76,8 +77,9 @@ def test_loss_decreases_and_samples_have_the_right_shape():
         A.validate(chunk.flatten(0, 1).numpy())  # buttons 0/1, sticks in [-1, 1]
 
 
-def test_masked_and_unconfident_steps_weigh_nothing():
-    cfg = config()
+@pytest.mark.parametrize("noise_samples", [1, 3])
+def test_masked_and_unconfident_steps_weigh_nothing(noise_samples):
+    cfg = config(noise_samples=noise_samples)
     policy, batch = Policy(cfg), toy_batch(cfg)
 
     def loss_of(b: dict) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -104,6 +105,7 @@ def train_policy(
     sample_steps: int = typer.Option(16, "--sample-steps", min=1, help="Euler steps when sampling (validation and play default)."),
     vision_pretrained: Optional[Path] = typer.Option(None, "--vision-pretrained", help="Local directory of a SigLIP 2 saved with save_pretrained."),
     freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Keep the vision encoder's weights fixed."),
+    standardize_tokens: Optional[bool] = typer.Option(None, "--standardize-tokens/--raw-tokens", help="BatchNorm over the image tokens before the DiT (default: the preset's; on for cpu and test)."),
     game_dropout: float = typer.Option(0.1, "--game-dropout", min=0.0, max=1.0, help="Probability of hiding the game id (trains the CFG unconditional)."),
     no_confidence_weighting: bool = typer.Option(False, "--no-confidence-weighting", help="Weight pseudo-label steps 1 instead of by their confidence."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", min=0.0, max=0.9, help="Share of ground-truth episodes held out."),
@@ -141,6 +143,8 @@ def train_policy(
         config = policy.PolicyConfig(**policy.PRESETS[preset], horizon=horizon, context_frames=context_frames,
                                      fps=fps, sample_steps=sample_steps, freeze_vision=freeze_vision,
                                      game_dropout=game_dropout)
+        if standardize_tokens is not None:
+            config = replace(config, standardize_tokens=standardize_tokens)
         train_cfg = TrainConfig.from_dict(options)
         sources = [policy.Source.parse(d) for d in data]
         policy.train_policy(sources, out, config, train_cfg, val_fraction=val_fraction,
@@ -201,7 +205,7 @@ def eval_policy(
     cfg_scale: float = typer.Option(1.0, "--cfg-scale"),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics here as JSON (else stdout)."),
 ) -> None:
-    """Grade a policy offline: per-button F1 and stick error of the first action and the whole chunk.
+    """Grade a policy offline: per-button F1 and stick error of the first action and the whole chunk, and how much the image helps (image gain: flow error with another window's frames / with its own, - 1).
 
     Example: `walkthrough eval-policy --ckpt RUN --data DATA`
     """
@@ -222,7 +226,8 @@ def eval_policy(
         write_json_atomic(out, result)
     console.print(f"first action: button F1 {result['first']['button_f1']:.3f}, stick MAE "
                   f"{result['first']['stick_mae']:.3f};  chunk: button F1 {result['chunk']['button_f1']:.3f}, "
-                  f"stick MAE {result['chunk']['stick_mae']:.3f}  ({result['windows']} windows)")
+                  f"stick MAE {result['chunk']['stick_mae']:.3f};  image gain {result['image_gain']:.3f}  "
+                  f"({result['windows']} windows)")
 
 
 @app.command()

@@ -27,7 +27,7 @@ from walkthrough import actions as A
 from walkthrough import metrics
 from walkthrough.chunks import ChunkStore, write_json_atomic
 from walkthrough.games import AtariGame
-from walkthrough.policy import Policy, PolicyDataset
+from walkthrough.policy import Policy, PolicyDataset, to_flow
 from walkthrough.train import load_model, read_run_config
 from walkthrough.video import VideoWriter
 
@@ -138,19 +138,41 @@ def evaluate_offline(policy: Policy, dataset: PolicyDataset, max_windows: int = 
     device = next(policy.parameters()).device
     index = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), max_windows)).astype(int))
     generator = torch.Generator(device).manual_seed(seed)
-    preds, trues, masks = [], [], []
+    preds, trues, masks, errors = [], [], [], torch.zeros(2)
     for start in range(0, len(index), batch_size):
         batch = default_collate([dataset[int(i)] for i in index[start:start + batch_size]])
         chunk = policy.sample(batch["frames"].to(device), batch["game"].to(device), sample_steps, cfg_scale, generator)
         preds.append(chunk.cpu())
         trues.append(batch["actions"])
         masks.append(batch["action_mask"])
+        errors += flow_errors_own_and_other_frames(policy, {k: v.to(device) for k, v in batch.items()}, generator)
     policy.train(was_training)
     pred, true = torch.cat(preds).numpy(), torch.cat(trues).numpy()  # (W, T, 21) each
     mask = torch.cat(masks).numpy()  # (W, T)
     return {"windows": len(index),
             "first": _grade(pred[:, 0][mask[:, 0]], true[:, 0][mask[:, 0]]),
-            "chunk": _grade(pred[mask], true[mask])}
+            "chunk": _grade(pred[mask], true[mask]),
+            "image_gain": float(errors[1] / errors[0].clamp(min=1e-12) - 1)}
+
+
+@torch.no_grad()
+def flow_errors_own_and_other_frames(policy: Policy, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    """Does the policy look at the screen? Its flow-matching error (summed over labelled steps)
+    with each window's own frames and with the next window's, for the same noise and t: (2,).
+
+    ``image_gain`` = other / own - 1: 0 when the image changes nothing (a policy that learned only
+    the action prior), > 0 as it reads the screen; it moves long before sampled actions do.
+    """
+    a = to_flow(batch["actions"])  # (B, T, 21)
+    if len(a) < 2:
+        return torch.zeros(2)
+    noise = torch.randn(a.shape, generator=generator, device=a.device)
+    t = torch.rand(len(a), generator=generator, device=a.device)  # (B,)
+    x_t = (1 - t[:, None, None]) * noise + t[:, None, None] * a
+    image = policy.encode(batch["frames"])  # (B, S, D)
+    mask = batch["action_mask"].float()[..., None]  # (B, T, 1)
+    return torch.stack([(((policy.velocity(x_t, t, frames, batch["game"]) - (a - noise)) ** 2) * mask).sum()
+                        for frames in (image, image.roll(1, dims=0))]).cpu()
 
 
 def evaluate_run(run_dir: Path, data: list[Path], all_episodes: bool = False, ema: bool = True,

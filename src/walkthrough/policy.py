@@ -73,6 +73,9 @@ class PolicyConfig:
     # ball is a few pixels; SigLIP's LayerNorms give a background token the same scale as the
     # ball's), and nothing downstream learns to read them (docs/policy.md, "The fix").
     standardize_tokens: bool = False
+    # Add an attention-pooled summary of the image tokens (one learned query) to the DiT's adaLN
+    # condition, beside the timestep and game: a readout whose query does not depend on the noisy chunk.
+    image_summary: bool = False
     # image-token self-attention layers and DiT action head
     width: int = 128
     neck_layers: int = 2
@@ -84,6 +87,9 @@ class PolicyConfig:
     beta_beta: float = 1.0
     sample_steps: int = 16  # Euler steps at inference (GR00T: 4 suffice)
     game_dropout: float = 0.1  # training-time probability of the null game (enables CFG)
+    # (noise, t) draws per window in training: the image is encoded once and the DiT sees each draw;
+    # averages out the flow target's noise, which otherwise drowns what the image says
+    noise_samples: int = 1
 
     def __post_init__(self) -> None:
         patch = self.vision["patch_size"]
@@ -91,8 +97,8 @@ class PolicyConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of the patch size {patch}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        if min(self.context_frames, self.horizon, self.sample_steps) < 1:
-            raise ValueError("context_frames, horizon and sample_steps must be >= 1")
+        if min(self.context_frames, self.horizon, self.sample_steps, self.noise_samples) < 1:
+            raise ValueError("context_frames, horizon, sample_steps and noise_samples must be >= 1")
 
     @classmethod
     def from_dict(cls, data: dict) -> "PolicyConfig":
@@ -240,6 +246,9 @@ class Policy(nn.Module):
         self.action_pos = nn.Parameter(torch.zeros(config.horizon, D))
         self.time_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         self.game_embed = nn.Embedding(len(config.games) + 1, D)  # row 0: the null game
+        if config.image_summary:
+            self.summary_query = nn.Parameter(torch.zeros(D))
+            self.summary_proj = nn.Linear(D, D)
         self.blocks = nn.ModuleList(
             DiTBlock(D, config.heads, config.mlp_ratio, cross=(i % 2 == 0)) for i in range(config.dit_layers))
         self.final = FinalLayer(D, A.ACTION_DIM)
@@ -257,13 +266,15 @@ class Policy(nn.Module):
             table.copy_(sincos_2d(math.isqrt(table.shape[0]), table.shape[1]))
         # The head: DiT's init: Xavier linears, small position embeddings, and adaLN-Zero: every block
         # and the output start as the identity / zero, so training begins from a stable, small network.
-        for module in [self.vision_proj, self.neck, self.action_in, self.time_mlp, self.blocks, self.final]:
+        for module in [self.vision_proj, self.neck, self.action_in, self.time_mlp, self.blocks, self.final,
+                       getattr(self, "summary_proj", nn.Identity())]:
             for m in module.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.xavier_uniform_(m.weight)
                     nn.init.zeros_(m.bias)
-        for p in (self.frame_pos, self.action_pos, self.game_embed.weight):
-            nn.init.normal_(p, std=0.02)
+        for p in (self.frame_pos, self.action_pos, self.game_embed.weight, getattr(self, "summary_query", None)):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaln[-1].weight)
             nn.init.zeros_(block.adaln[-1].bias)
@@ -293,6 +304,9 @@ class Policy(nn.Module):
     def velocity(self, x: Tensor, t: Tensor, image: Tensor, game: Tensor) -> Tensor:
         """The DiT: noisy chunk x (B, T, 21) at times t (B,) -> predicted velocity (B, T, 21)."""
         cond = self.time_mlp(timestep_embedding(t, self.config.width)) + self.game_embed(game)  # (B, D)
+        if self.config.image_summary:
+            attention = torch.softmax(image @ self.summary_query / image.shape[-1] ** 0.5, dim=1)  # (B, S)
+            cond = cond + self.summary_proj((attention[..., None] * image).sum(1))
         h = self.action_in(x) + self.action_pos  # (B, T, D)
         for block in self.blocks:
             h = block(h, cond, image)
@@ -317,13 +331,16 @@ class Policy(nn.Module):
         if self.training and self.config.game_dropout > 0:
             dropped = torch.rand(game.shape, device=game.device) < self.config.game_dropout
             game = game.masked_fill(dropped, NULL_GAME)
-        a = to_flow(actions)  # (B, T, 21)
+        n = self.config.noise_samples
+        image = self.encode(frames).repeat_interleave(n, dim=0)  # (B*n, S, D)
+        a = to_flow(actions).repeat_interleave(n, dim=0)  # (B*n, T, 21)
+        game, weight = game.repeat_interleave(n), weight.repeat_interleave(n, dim=0)
         noise = torch.randn_like(a)
-        t = self.sample_t(a.shape[0], a.device)  # (B,)
+        t = self.sample_t(a.shape[0], a.device)  # (B*n,)
         x_t = (1 - t[:, None, None]) * noise + t[:, None, None] * a
-        v = self.velocity(x_t, t, self.encode(frames), game)
-        err = (v.float() - (a - noise)) ** 2  # (B, T, 21)
-        labelled = has_real_action.sum().clamp(min=1)
+        v = self.velocity(x_t, t, image, game)
+        err = (v.float() - (a - noise)) ** 2  # (B*n, T, 21)
+        labelled = has_real_action.sum().clamp(min=1) * n
         loss = (err.mean(-1) * weight).sum() / labelled
         with torch.no_grad():
             button_mse = (err[..., :A.NUM_BUTTONS].mean(-1) * weight).sum() / labelled
@@ -479,8 +496,8 @@ def train_policy(sources: list[Source], out: Path, config: PolicyConfig, train_c
 
     def evaluate(policy: nn.Module) -> dict[str, float]:
         metrics = evaluate_offline(policy, val_set, max_windows=eval_windows)
-        return {f"{part}_{name}": metrics[part][name] for part in ("first", "chunk")
-                for name in ("button_f1", "stick_mae")}
+        return {**{f"{part}_{name}": metrics[part][name] for part in ("first", "chunk")
+                   for name in ("button_f1", "stick_mae")}, "image_gain": metrics["image_gain"]}
 
     data = {"sources": summary, "val_episodes": [e.video_id for e in held_out],
             "use_confidence": use_confidence, "vision_pretrained": str(vision_pretrained or "")}
