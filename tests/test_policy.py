@@ -245,4 +245,6 @@ def test_bad_configs_and_data_are_refused(tmp_path):
         config(horizon=0)
     with pytest.raises(StoreError, match="no such file"):
         train_policy([Source(tmp_path / "missing")], tmp_path / "run", config(), quick_train())
+    with pytest.raises(ValueError, match="at least 2 windows"):
+        train_policy([Source(tmp_path / "missing")], tmp_path / "run", config(), quick_train(batch_size=1))
 

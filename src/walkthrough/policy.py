@@ -479,6 +479,10 @@ def train_policy(sources: list[Source], out: Path, config: PolicyConfig, train_c
     """
     from walkthrough.play import evaluate_offline  # play imports this module
 
+    if config.standardize_tokens and train_cfg.batch_size < 2:
+        raise ValueError("token standardisation (BatchNorm) needs batches of at least 2 windows; "
+                         "raise --batch-size or pass --raw-tokens")
+
     stores = [(ChunkStore(s.path), s) for s in sources]
     config = replace(config, games=sorted({e.game for store, _ in stores for e in store}))
     parts, held_out, summary = [], [], []

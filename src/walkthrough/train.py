@@ -253,7 +253,8 @@ def recompute_batchnorm(model: nn.Module, batches: DataLoader, device: torch.dev
         m.momentum = None  # a cumulative average over the batches below
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's RNG stays as it was
         for batch in batches:
-            model.loss({k: v.to(device) for k, v in batch.items()})
+            if len(batch["frames"]) > 1:  # BatchNorm cannot take statistics of one window
+                model.loss({k: v.to(device) for k, v in batch.items()})
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.train(was_training)
