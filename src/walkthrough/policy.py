@@ -45,9 +45,9 @@ VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_att
 
 
 def tiny_vision() -> dict:
-    """A SigLIP 2 small enough to train from scratch on a CPU: 128x128 px, 8 px patches -> 256 tokens."""
+    """A SigLIP 2 small enough to train from scratch on a CPU: 128x128 px, 16 px patches -> 64 tokens."""
     return dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                patch_size=8, num_patches=256, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+                patch_size=16, num_patches=64, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
 
 
 def large_vision() -> dict:
@@ -113,12 +113,14 @@ class PolicyConfig:
 PRESETS: dict[str, dict] = {
     # ~0.1M parameters, 32 px: seconds to train; for tests and smoke runs, not for playing.
     "test": dict(image_size=32, vision=dict(tiny_vision(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                            num_attention_heads=2, num_patches=16),
+                                            num_attention_heads=2, patch_size=8, num_patches=16),
                  standardize_tokens=True, width=32, neck_layers=1, dit_layers=2, heads=2),
     # ~2M parameters; plays in real time on one CPU thread. 128 px, not 64: an Atari ball is ~2x2 px
-    # there instead of one dim pixel, which a from-scratch encoder did not pick up (docs/policy.md).
-    "cpu": dict(image_size=128, vision=tiny_vision(), standardize_tokens=True, width=128, neck_layers=2, dit_layers=4,
-                heads=4),
+    # there instead of one dim pixel. 16 px patches (64 tokens, NitroGen's patch size): 3.5x the
+    # training throughput of 8 px patches; standardised tokens and the image summary: the setting
+    # whose policy read the screen most (docs/policy.md, "Session 10").
+    "cpu": dict(image_size=128, vision=tiny_vision(), standardize_tokens=True, image_summary=True, width=128,
+                neck_layers=2, dit_layers=4, heads=4),
     # NitroGen-sized: SigLIP 2 large at 256 px (load its weights with --vision-pretrained) + a wide DiT.
     "gpu": dict(image_size=256, vision=large_vision(), width=1024, neck_layers=4, dit_layers=8, heads=16),
 }
