@@ -71,7 +71,7 @@ class PolicyConfig:
     # Standardise every image token (position x channel) over the data before the DiT (BatchNorm,
     # no affine). From scratch, a frame's tokens are nearly the same from one frame to the next (a
     # ball is a few pixels; SigLIP's LayerNorms give a background token the same scale as the
-    # ball's), and nothing downstream learns to read them (docs/policy.md, "The fix").
+    # ball's), and nothing downstream learns to read them (docs/policy.md, "Where the signal is lost").
     standardize_tokens: bool = False
     # Add an attention-pooled summary of the image tokens (one learned query) to the DiT's adaLN
     # condition, beside the timestep and game: a readout whose query does not depend on the noisy chunk.
