@@ -268,15 +268,15 @@ class Policy(nn.Module):
             table.copy_(sincos_2d(math.isqrt(table.shape[0]), table.shape[1]))
         # The head: DiT's init: Xavier linears, small position embeddings, and adaLN-Zero: every block
         # and the output start as the identity / zero, so training begins from a stable, small network.
-        for module in [self.vision_proj, self.neck, self.action_in, self.time_mlp, self.blocks, self.final,
-                       getattr(self, "summary_proj", nn.Identity())]:
+        summary = [self.summary_proj] if self.config.image_summary else []
+        for module in [self.vision_proj, self.neck, self.action_in, self.time_mlp, self.blocks, self.final, *summary]:
             for m in module.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.xavier_uniform_(m.weight)
                     nn.init.zeros_(m.bias)
-        for p in (self.frame_pos, self.action_pos, self.game_embed.weight, getattr(self, "summary_query", None)):
-            if p is not None:
-                nn.init.normal_(p, std=0.02)
+        queries = [self.summary_query] if self.config.image_summary else []
+        for p in (self.frame_pos, self.action_pos, self.game_embed.weight, *queries):
+            nn.init.normal_(p, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaln[-1].weight)
             nn.init.zeros_(block.adaln[-1].bias)

@@ -234,6 +234,10 @@ def validation_loader(dataset: Dataset, cfg: TrainConfig) -> DataLoader:
                       persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
 
 
+def batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @torch.no_grad()
 def recompute_batchnorm(model: nn.Module, batches: DataLoader, device: torch.device) -> None:
     """Precise BatchNorm: set every BatchNorm's running statistics to their exact average over
@@ -243,7 +247,7 @@ def recompute_batchnorm(model: nn.Module, batches: DataLoader, device: torch.dev
     copies the live model's, which do not belong to its weights; a model whose BatchNorm amplifies
     small differences (the policy's ``token_norm``) is thrown off by either.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorms(model)
     if not norms:
         return
     was_training, momenta = model.training, [m.momentum for m in norms]
@@ -428,9 +432,8 @@ def train(model: nn.Module, train_cfg: TrainConfig, train_set: Dataset, val_set:
     batches = iter(make_loader(train_set, cfg, step, env.rank, env.world))
     val_batches = validation_loader(val_set, cfg) if val_set is not None and env.main else None
     # Unaugmented training windows for ``recompute_batchnorm`` (only models with BatchNorm use them).
-    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     norm_batches = (validation_loader(train_set, dataclasses.replace(cfg, eval_samples=cfg.batchnorm_samples))
-                    if has_batchnorm and env.main else None)
+                    if batchnorms(model) and env.main else None)
     if state is not None:  # after the loaders, which must not shift the restored RNG streams
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
