@@ -17,6 +17,9 @@
    to 5, 20 and 60 minutes, with a tiny IDM at 10 fps so that an hour takes minutes. Flat means
    the peak does not grow with the length beyond the per-step results (~100 bytes a step).
 
+With ``--device cuda`` the IDM runs on the GPU (fp32 and bf16; decoding stays on the CPU) and
+``--preset gpu`` labels with the GPU preset's IDM.
+
 Prints tables, then one ``JSON: {...}`` line.
 """
 
@@ -83,18 +86,20 @@ def label_fps(files: list[Path], run: Path, out: Path, config: label.LabelConfig
     return summary["run"]["frames_per_second"]
 
 
-def model_frames_per_second(run: Path, bf16: bool, block: int = label.LabelConfig.batch_size,
+def model_frames_per_second(run: Path, bf16: bool, device: str, block: int = label.LabelConfig.batch_size,
                             repeats: int = 3) -> float:
     """The IDM on a ready block of frames, as the labeler calls it (stride 1: a window per frame)."""
-    model = train.load_model(run)
+    model = train.load_model(run).to(device)
     T, (H, W) = model.config.frames, model.config.size
-    frames = torch.randint(0, 256, (1, block + T + 1, 3, H, W), dtype=torch.uint8)
-    starts = torch.ones(1, block, dtype=torch.bool)
+    frames = torch.randint(0, 256, (1, block + T + 1, 3, H, W), dtype=torch.uint8, device=device)
+    starts = torch.ones(1, block, dtype=torch.bool, device=device)
     best = 0.0
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first call warms up (GPU kernels)
         began = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             model.block_sums(frames, starts)
+        if device != "cpu":
+            torch.cuda.synchronize()
         best = max(best, block / (time.perf_counter() - began))
     return best
 
@@ -140,13 +145,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="Length of each recording.")
     parser.add_argument("--file-minutes", type=float, default=2.0, help="Each recording looped to this length.")
-    parser.add_argument("--minutes", type=float, nargs="+", default=[5, 20, 60], help="Looped video lengths.")
-    parser.add_argument("--run", type=Path, help="A trained IDM run (default: a random CPU-preset IDM).")
+    parser.add_argument("--minutes", type=float, nargs="*", default=[5, 20, 60],
+                        help="Looped video lengths for the memory test (none: skip it).")
+    parser.add_argument("--run", type=Path, help="A trained IDM run (default: a random IDM of --preset).")
+    parser.add_argument("--preset", default="cpu", choices=sorted(idm.PRESETS), help="IDM preset without --run.")
+    parser.add_argument("--device", default="cpu", help="Where the IDM runs: cpu | cuda.")
     args = parser.parse_args()
     results: dict = {"throughput": [], "memory": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        run = args.run or save_random_idm(root / "idm-cpu", idm.preset("cpu"))
+        run = args.run or save_random_idm(root / f"idm-{args.preset}", idm.preset(args.preset))
         model_config = train.load_model(run).config
         clips = make_clips(root, args.seconds, args.file_minutes)
         default = max(1, (os.cpu_count() or 1) - 1)  # the labeler's default torch threads
@@ -155,10 +163,13 @@ def main() -> None:
             f"fp32, {CORES} threads": label.LabelConfig(min_confidence=0.0, bf16=False, threads=CORES),
             f"--bf16 ({default} thr.)": label.LabelConfig(min_confidence=0.0, bf16=True),
             f"--bf16, {CORES} threads": label.LabelConfig(min_confidence=0.0, bf16=True, threads=CORES),
+        } if args.device == "cpu" else {
+            f"fp32 on {args.device}": label.LabelConfig(min_confidence=0.0, bf16=False, device=args.device),
+            f"bf16 on {args.device}": label.LabelConfig(min_confidence=0.0, bf16=True, device=args.device),
         }
         for bf16 in (False, True):
-            results[f"idm_frames_per_s_{'bf16' if bf16 else 'fp32'}"] = model_frames_per_second(run, bf16)
-        results["cores"], results["idm_threads"] = CORES, torch.get_num_threads()
+            results[f"idm_frames_per_s_{'bf16' if bf16 else 'fp32'}"] = model_frames_per_second(run, bf16, args.device)
+        results["cores"], results["idm_threads"], results["device"] = CORES, torch.get_num_threads(), args.device
         print(f"IDM alone ({idm.describe(train.load_model(run))}, {torch.get_num_threads()} threads): "
               f"{results['idm_frames_per_s_fp32']:.0f} frames/s fp32, "
               f"{results['idm_frames_per_s_bf16']:.0f} bf16")

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# One short lease of a GPU machine, as one command: train the `cpu` preset's policy on Breakout expert
+# play on the GPU (the recipe of the CPU runs of docs/policy.md with a larger batch, with and without
+# augmentation, side by side), play each closed-loop on 10 seeds (one CPU process per episode), then
+# measure training and labeling throughput (benchmarks/bench_train.py, bench_label.py --device cuda).
+# Each stage has its own time limit, so a slow stage cuts the benchmarks, never the training.
+#
+#   OUT=out bash experiments/gpu_breakout.sh
+#
+# Expects beside the tree: .devdata/expert_breakout and .devdata/breakout_more (chunk stores from
+# `walkthrough record --game Breakout --player expert`, seeds 0 and 1000), and, where the machine's
+# Python lacks them, .whl/ with wheels of av, gymnasium, ale-py and farama-notifications.
+# Everything lands in $OUT: log.txt, play.json and per run its config, EMA weights and metrics.
+set -u
+OUT=${OUT:-gpu_out}
+PY=${PY:-python3}
+TRAIN_MINUTES=${TRAIN_MINUTES:-4}
+PLAY_SECONDS=${PLAY_SECONDS:-180}
+DEADLINE=${DEADLINE:-570}  # seconds from the start; later stages are skipped past it
+LABEL_DEVICE=${LABEL_DEVICE:-cuda}
+BENCH_TRAIN_ARGS=${BENCH_TRAIN_ARGS:-}
+WORKERS=${WORKERS:-6}  # loader workers per training run
+TMP=/tmp/gpu_breakout
+declare -A RUNS=([plain]="--no-augment" [augment]="--augment")  # the CPU recipe, and with augmentation
+mkdir -p "$OUT"
+rm -rf $TMP && mkdir -p $TMP
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ] && [ -z "${SKIP_WHEELS:-}" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+export PY
+wt() { exec $PY -c 'import sys; sys.argv[0] = "walkthrough"; from walkthrough.cli import main; main()' "$@"; }
+export -f wt
+left() { echo $((DEADLINE - SECONDS)); }
+
+{
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+echo "cpus $(nproc)"
+$PY -c "import torch, transformers, av, ale_py, gymnasium; print('torch', torch.__version__, 'transformers', transformers.__version__, 'av', av.__version__, 'ale_py', ale_py.__version__, 'cuda', torch.cuda.is_available())"
+
+echo "== train: runs ${!RUNS[*]} side by side, $TRAIN_MINUTES min of training time each"
+for name in "${!RUNS[@]}"; do
+    timeout $(( $(left) - 150 )) bash -c "wt train-policy --data .devdata/expert_breakout \
+        --data .devdata/breakout_more --out $TMP/$name --preset cpu --batch-size 256 --lr 1e-3 --no-bf16 \
+        --steps 100000 --budget-minutes $TRAIN_MINUTES --eval-every 1000 --ckpt-every 1000 --log-every 100 \
+        --num-workers $WORKERS ${RUNS[$name]}" > $TMP/$name.log 2>&1 &
+done
+wait
+for name in "${!RUNS[@]}"; do
+    echo "-- $name (${RUNS[$name]}), done at ${SECONDS}s"; tail -n 5 $TMP/$name.log; grep '"val"' $TMP/$name/metrics.jsonl
+    mkdir -p "$OUT/$name"; cp $TMP/$name/config.json $TMP/$name/ema.safetensors $TMP/$name/metrics.jsonl "$OUT/$name/"
+done
+
+echo "== play: 10 episodes per run, one process each, K = 4, re-plan every 8"
+for name in "${!RUNS[@]}"; do
+    for i in $(seq 0 9); do
+        timeout $(( $(left) - 100 )) bash -c "wt play --ckpt $TMP/$name --game Breakout --episodes 1 --seed $i \
+            --sample-steps 4 --max-seconds $PLAY_SECONDS --videos 0 --out $TMP/play_$name/s$i" \
+            > $TMP/play_$name.$i.log 2>&1 &
+    done
+done
+wait
+$PY - "$TMP" "$OUT/play.json" "${!RUNS[@]}" <<'PYTHON'
+import json, sys
+from pathlib import Path
+import numpy as np
+summary = {}
+for name in sys.argv[3:]:
+    runs = [json.loads(p.read_text()) for p in sorted(Path(sys.argv[1], f"play_{name}").glob("s*/scores.json"))]
+    episodes = [e for r in runs for e in r["episodes"]]
+    scores = np.array([e["score"] for e in episodes])
+    summary[name] = {"episodes": episodes, "mean": float(scores.mean()) if len(scores) else None,
+                     "std": float(scores.std()) if len(scores) else None,
+                     "chunk_latency_ms": [r["chunk_latency_ms"] for r in runs]}
+    print(f"{name}: Breakout {summary[name]['mean']} +- {summary[name]['std']} over {len(scores)} episodes")
+Path(sys.argv[2]).write_text(json.dumps(summary, indent=1))
+PYTHON
+echo "play done at ${SECONDS}s"
+
+echo "== bench_train"
+[ "$(left)" -gt 40 ] && timeout $(( $(left) - 30 )) $PY benchmarks/bench_train.py --steps 8 --rounds 2 $BENCH_TRAIN_ARGS
+echo "== bench_label (cpu-preset IDM on $LABEL_DEVICE)"
+[ "$(left)" -gt 20 ] && timeout $(( $(left) - 5 )) $PY benchmarks/bench_label.py --device $LABEL_DEVICE --seconds 10 \
+    --file-minutes 0.5 --minutes
+echo "== done at ${SECONDS}s"
+} 2>&1 | tee "$OUT/log.txt"
