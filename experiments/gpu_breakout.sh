@@ -17,11 +17,14 @@ PY=${PY:-python3}
 TRAIN_MINUTES=${TRAIN_MINUTES:-4}
 PLAY_SECONDS=${PLAY_SECONDS:-180}
 DEADLINE=${DEADLINE:-570}  # seconds from the start; later stages are skipped past it
-LABEL_DEVICE=${LABEL_DEVICE:-cuda}
+LABEL_DEVICE=${LABEL_DEVICE-cuda}  # empty: skip the labeling benchmark
 BENCH_TRAIN_ARGS=${BENCH_TRAIN_ARGS:-}
 WORKERS=${WORKERS:-6}  # loader workers per training run
+EVAL_EVERY=${EVAL_EVERY:-1000}
 TMP=/tmp/gpu_breakout
-declare -A RUNS=([plain]="--no-augment" [augment]="--augment")  # the CPU recipe, and with augmentation
+declare -A VARIANT_ARGS=([plain]="--no-augment" [augment]="--augment")  # the CPU recipe, and with augmentation
+declare -A RUNS
+for name in ${VARIANTS:-plain augment}; do RUNS[$name]=${VARIANT_ARGS[$name]}; done
 mkdir -p "$OUT"
 rm -rf $TMP && mkdir -p $TMP
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -39,12 +42,25 @@ echo "== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
 echo "cpus $(nproc)"
 $PY -c "import torch, transformers, av, ale_py, gymnasium; print('torch', torch.__version__, 'transformers', transformers.__version__, 'av', av.__version__, 'ale_py', ale_py.__version__, 'cuda', torch.cuda.is_available())"
+$PY - <<'PYTHON'  # the policy's batched SigLIP 2 path against transformers' own forward, on this machine's versions
+import torch
+from walkthrough.policy import PRESETS, Policy, PolicyConfig, patchify
+device = "cuda" if torch.cuda.is_available() else "cpu"
+for size in (128, 160):
+    policy = Policy(PolicyConfig(**{**PRESETS["cpu"], "image_size": size})).to(device)
+    patches = patchify(torch.rand(4, 3, size, size, device=device) * 2 - 1, 16)
+    side = torch.tensor([[size // 16] * 2] * 4, device=device)
+    theirs = policy.vision(pixel_values=patches, pixel_attention_mask=torch.ones(patches.shape[:2], dtype=torch.long,
+                           device=device), spatial_shapes=side).last_hidden_state
+    print(f"vision_tokens at {size} px: max |ours - transformers| = "
+          f"{(policy.vision_tokens(patches, size // 16) - theirs).abs().max().item():.2e}")
+PYTHON
 
 echo "== train: runs ${!RUNS[*]} side by side, $TRAIN_MINUTES min of training time each"
 for name in "${!RUNS[@]}"; do
-    timeout $(( $(left) - 150 )) bash -c "wt train-policy --data .devdata/expert_breakout \
+    timeout $(( $(left) - 90 )) bash -c "wt train-policy --data .devdata/expert_breakout \
         --data .devdata/breakout_more --out $TMP/$name --preset cpu --batch-size 256 --lr 1e-3 --no-bf16 \
-        --steps 100000 --budget-minutes $TRAIN_MINUTES --eval-every 1000 --ckpt-every 1000 --log-every 100 \
+        --steps 100000 --budget-minutes $TRAIN_MINUTES --eval-every $EVAL_EVERY --ckpt-every $EVAL_EVERY --log-every 100 \
         --num-workers $WORKERS ${RUNS[$name]}" > $TMP/$name.log 2>&1 &
 done
 wait
@@ -56,7 +72,7 @@ done
 echo "== play: 10 episodes per run, one process each, K = 4, re-plan every 8"
 for name in "${!RUNS[@]}"; do
     for i in $(seq 0 9); do
-        timeout $(( $(left) - 100 )) bash -c "wt play --ckpt $TMP/$name --game Breakout --episodes 1 --seed $i \
+        timeout $(( $(left) - 40 )) bash -c "wt play --ckpt $TMP/$name --game Breakout --episodes 1 --seed $i \
             --sample-steps 4 --max-seconds $PLAY_SECONDS --videos 0 --out $TMP/play_$name/s$i" \
             > $TMP/play_$name.$i.log 2>&1 &
     done
@@ -81,8 +97,8 @@ echo "play done at ${SECONDS}s"
 
 echo "== bench_train"
 [ "$(left)" -gt 40 ] && timeout $(( $(left) - 30 )) $PY benchmarks/bench_train.py --steps 8 --rounds 2 $BENCH_TRAIN_ARGS
-echo "== bench_label (cpu-preset IDM on $LABEL_DEVICE)"
-[ "$(left)" -gt 20 ] && timeout $(( $(left) - 5 )) $PY benchmarks/bench_label.py --device $LABEL_DEVICE --seconds 10 \
+echo "== bench_label (cpu-preset IDM on ${LABEL_DEVICE:-no device: skipped})"
+[ -n "$LABEL_DEVICE" ] && [ "$(left)" -gt 20 ] && timeout $(( $(left) - 5 )) $PY benchmarks/bench_label.py --device $LABEL_DEVICE --seconds 10 \
     --file-minutes 0.5 --minutes
 echo "== done at ${SECONDS}s"
 } 2>&1 | tee "$OUT/log.txt"

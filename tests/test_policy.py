@@ -49,6 +49,16 @@ def test_patchify_matches_the_siglip2_processor():
     np.testing.assert_array_equal(ours.numpy(), theirs)
 
 
+@pytest.mark.parametrize("image_size", [32, 48])  # the position grid as is (4 x 4 patches) and resized (6 x 6)
+def test_vision_tokens_equal_the_siglip2_forward(image_size):
+    policy = Policy(config(image_size=image_size))
+    side = image_size // 8
+    patches = patchify(torch.rand(3, 3, image_size, image_size) * 2 - 1, 8)
+    theirs = policy.vision(pixel_values=patches, pixel_attention_mask=torch.ones(patches.shape[:2], dtype=torch.long),
+                           spatial_shapes=torch.tensor([[side, side]] * 3)).last_hidden_state
+    torch.testing.assert_close(policy.vision_tokens(patches, side), theirs)
+
+
 def test_flow_space_round_trips_schema_actions():
     actions = torch.from_numpy(np.stack([A.ale_to_gamepad(a) for a in range(18)]))
     actions[:, A.NUM_BUTTONS:] = torch.linspace(-1, 1, 18)[:, None]

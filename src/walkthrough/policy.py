@@ -285,6 +285,20 @@ class Policy(nn.Module):
             nn.init.zeros_(m.bias)
 
     # -- forward pieces
+    def vision_tokens(self, patches: Tensor, side: int) -> Tensor:
+        """SigLIP 2 on (B, side*side, p*p*3) patches of same-sized images -> (B, side*side, Dv).
+
+        ``Siglip2VisionModel.forward`` with the position table resized once for the whole batch:
+        transformers up to 5.17 at least resizes it image by image, with a GPU sync for each, which
+        made training 9x slower on an H200 (BENCHMARKS.md). A test checks that both agree.
+        """
+        embeddings = self.vision.embeddings
+        grid = embeddings.position_embedding_size
+        table = embeddings.position_embedding.weight.reshape(grid, grid, -1).permute(2, 0, 1)[None]  # (1, Dv, g, g)
+        table = F.interpolate(table.float(), size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        x = embeddings.patch_embedding(patches) + table.flatten(2).transpose(1, 2)  # (B, N, Dv)
+        return self.vision.post_layernorm(self.vision.encoder(inputs_embeds=x).last_hidden_state)
+
     def encode(self, frames: Tensor) -> Tensor:
         """(B, F, 3, H, W) uint8 frames -> (B, F*N, D) image tokens."""
         B, Fr = frames.shape[:2]  # (F is torch.nn.functional here)
@@ -292,11 +306,7 @@ class Policy(nn.Module):
         side = self.config.image_size // patch
         pixels = frames.flatten(0, 1).float() / 127.5 - 1.0  # SigLIP normalisation: mean 0.5, std 0.5
         patches = patchify(pixels, patch)  # (B*F, N, p*p*3)
-        out = self.vision(
-            pixel_values=patches,
-            pixel_attention_mask=torch.ones(patches.shape[:2], dtype=torch.long, device=frames.device),
-            spatial_shapes=torch.tensor([[side, side]], device=frames.device).expand(B * Fr, 2),
-        ).last_hidden_state  # (B*F, N, Dv)
+        out = self.vision_tokens(patches, side)  # (B*F, N, Dv)
         tokens = self.vision_proj(out).view(B, Fr, -1, self.config.width) + self.frame_pos  # (B, F, N, D)
         tokens = self.neck(tokens.flatten(1, 2))  # (B, F*N, D)
         if self.token_norm is not None:
