@@ -96,7 +96,7 @@ PYTHON
 echo "play done at ${SECONDS}s"
 
 echo "== bench_train"
-[ "$(left)" -gt 40 ] && timeout $(( $(left) - 30 )) $PY benchmarks/bench_train.py --steps 8 --rounds 2 $BENCH_TRAIN_ARGS
+[ "$(left)" -gt 25 ] && timeout $(( $(left) - 15 )) $PY benchmarks/bench_train.py --steps 8 --rounds 2 $BENCH_TRAIN_ARGS
 echo "== bench_label (cpu-preset IDM on ${LABEL_DEVICE:-no device: skipped})"
 [ -n "$LABEL_DEVICE" ] && [ "$(left)" -gt 20 ] && timeout $(( $(left) - 5 )) $PY benchmarks/bench_label.py --device $LABEL_DEVICE --seconds 10 \
     --file-minutes 0.5 --minutes
