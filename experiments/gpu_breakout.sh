@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# One short lease of a GPU machine, as one command: train the `cpu` preset's policy on Breakout expert
-# play on the GPU (the recipe of the CPU runs of docs/policy.md with a larger batch, with and without
-# augmentation, side by side), play each closed-loop on 10 seeds (one CPU process per episode), then
-# measure training and labeling throughput (benchmarks/bench_train.py, bench_label.py --device cuda).
-# Each stage has its own time limit, so a slow stage cuts the benchmarks, never the training.
+# One short lease of a GPU machine, as one command: train the policy on Breakout expert play on the
+# GPU (the recipe of docs/policy.md's CPU runs with a larger batch; variants side by side), play each
+# run closed-loop (one CPU process per episode, seeds 0..EPISODES-1), then measure training and
+# labeling throughput (benchmarks/bench_train.py, bench_label.py --device cuda). Each stage has its
+# own time limit, so a slow stage cuts the benchmarks, never the training.
 #
 #   OUT=out bash experiments/gpu_breakout.sh
+#   OUT=out VARIANTS="plain context2" TRAIN_MINUTES=6 DEADLINE=560 SKIP_BENCH=1 bash experiments/gpu_breakout.sh
 #
-# Expects beside the tree: .devdata/expert_breakout and .devdata/breakout_more (chunk stores from
-# `walkthrough record --game Breakout --player expert`, seeds 0 and 1000), and, where the machine's
-# Python lacks them, .whl/ with wheels of av, gymnasium, ale-py and farama-notifications.
-# Everything lands in $OUT: log.txt, play.json and per run its config, EMA weights and metrics.
+# Expects chunk stores in DATA (default .devdata/expert_breakout and .devdata/breakout_more, from
+# `walkthrough record --game Breakout --player expert`, seeds 0 and 1000) and, where the machine's
+# Python lacks them, .whl/ with wheels of av, gymnasium, ale-py and farama-notifications. Everything
+# lands in $OUT: log.txt, play.json and per run its config, EMA weights and metrics. The settings
+# below are environment variables; tests/test_experiments.py runs it on the test preset.
 set -u
 OUT=${OUT:-gpu_out}
 PY=${PY:-python3}
@@ -20,13 +22,19 @@ DEADLINE=${DEADLINE:-570}  # seconds from the start; later stages are skipped pa
 LABEL_DEVICE=${LABEL_DEVICE-cuda}  # empty: skip the labeling benchmark
 BENCH_TRAIN_ARGS=${BENCH_TRAIN_ARGS:-}
 WORKERS=${WORKERS:-6}  # loader workers per training run
+PRESET=${PRESET:-cpu}
+BATCH=${BATCH:-256}
+DATA=${DATA:-.devdata/expert_breakout .devdata/breakout_more}  # chunk stores to train on
+EPISODES=${EPISODES:-10}  # played per run
+SKIP_BENCH=${SKIP_BENCH:-}  # non-empty: no benchmarks
 EVAL_EVERY=${EVAL_EVERY:-1000}
-TMP=/tmp/gpu_breakout
-declare -A VARIANT_ARGS=([plain]="--no-augment" [augment]="--augment")  # the CPU recipe, and with augmentation
+TMP=${WORK:-$(mktemp -d)}  # runs and plays
+mkdir -p "$TMP"
+# the CPU recipe; with augmentation; with the previous frame too (the ball's direction)
+declare -A VARIANT_ARGS=([plain]="--no-augment" [augment]="--augment" [context2]="--no-augment --context-frames 2")
 declare -A RUNS
 for name in ${VARIANTS:-plain augment}; do RUNS[$name]=${VARIANT_ARGS[$name]}; done
 mkdir -p "$OUT"
-rm -rf $TMP && mkdir -p $TMP
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 if [ -d .whl ] && [ -z "${SKIP_WHEELS:-}" ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -58,8 +66,7 @@ PYTHON
 
 echo "== train: runs ${!RUNS[*]} side by side, $TRAIN_MINUTES min of training time each"
 for name in "${!RUNS[@]}"; do
-    timeout $(( $(left) - 90 )) bash -c "wt train-policy --data .devdata/expert_breakout \
-        --data .devdata/breakout_more --out $TMP/$name --preset cpu --batch-size 256 --lr 1e-3 --no-bf16 \
+    timeout $(( $(left) - 90 )) bash -c "wt train-policy $(printf -- '--data %s ' $DATA) --out $TMP/$name --preset $PRESET --batch-size $BATCH --lr 1e-3 --no-bf16 \
         --steps 100000 --budget-minutes $TRAIN_MINUTES --eval-every $EVAL_EVERY --ckpt-every $EVAL_EVERY --log-every 100 \
         --num-workers $WORKERS ${RUNS[$name]}" > $TMP/$name.log 2>&1 &
 done
@@ -69,9 +76,9 @@ for name in "${!RUNS[@]}"; do
     mkdir -p "$OUT/$name"; cp $TMP/$name/config.json $TMP/$name/ema.safetensors $TMP/$name/metrics.jsonl "$OUT/$name/"
 done
 
-echo "== play: 10 episodes per run, one process each, K = 4, re-plan every 8"
+echo "== play: $EPISODES episodes per run, one process each, K = 4, re-plan every 8"
 for name in "${!RUNS[@]}"; do
-    for i in $(seq 0 9); do
+    for i in $(seq 0 $((EPISODES - 1))); do
         timeout $(( $(left) - 40 )) bash -c "wt play --ckpt $TMP/$name --game Breakout --episodes 1 --seed $i \
             --sample-steps 4 --max-seconds $PLAY_SECONDS --videos 0 --out $TMP/play_$name/s$i" \
             > $TMP/play_$name.$i.log 2>&1 &
@@ -96,9 +103,9 @@ PYTHON
 echo "play done at ${SECONDS}s"
 
 echo "== bench_train"
-[ "$(left)" -gt 25 ] && timeout $(( $(left) - 15 )) $PY benchmarks/bench_train.py --steps 8 --rounds 2 $BENCH_TRAIN_ARGS
+[ -z "$SKIP_BENCH" ] && [ "$(left)" -gt 25 ] && timeout $(( $(left) - 15 )) $PY benchmarks/bench_train.py --steps 8 --rounds 2 $BENCH_TRAIN_ARGS
 echo "== bench_label (cpu-preset IDM on ${LABEL_DEVICE:-no device: skipped})"
-[ -n "$LABEL_DEVICE" ] && [ "$(left)" -gt 20 ] && timeout $(( $(left) - 5 )) $PY benchmarks/bench_label.py --device $LABEL_DEVICE --seconds 10 \
+[ -z "$SKIP_BENCH" ] && [ -n "$LABEL_DEVICE" ] && [ "$(left)" -gt 20 ] && timeout $(( $(left) - 5 )) $PY benchmarks/bench_label.py --device $LABEL_DEVICE --seconds 10 \
     --file-minutes 0.5 --minutes
 echo "== done at ${SECONDS}s"
 } 2>&1 | tee "$OUT/log.txt"

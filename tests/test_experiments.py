@@ -1,6 +1,10 @@
 """The experiment scripts behind docs' figures still run (a few steps on the recorded fixture)."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,3 +26,19 @@ def test_policy_probe_trains_and_reports_held_out_accuracy(recorded, capsys, enc
                 "--eval-every", "2", "--train-episodes", "2"])
     out = capsys.readouterr().out
     assert "held-out majority class" in out and "step 2: loss" in out and "held-out accuracy" in out
+
+
+def test_gpu_lease_script_trains_plays_and_collects_its_results(recorded, tmp_path):
+    """experiments/gpu_breakout.sh on the test preset and the CPU: one variant, two short episodes."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "WORK": str(tmp_path / "work"), "PY": sys.executable, "SKIP_WHEELS": "1",
+           "DATA": str(recorded), "PRESET": "test", "BATCH": "4", "WORKERS": "0", "VARIANTS": "plain",
+           "TRAIN_MINUTES": "0.01", "EVAL_EVERY": "100", "EPISODES": "2", "PLAY_SECONDS": "2", "SKIP_BENCH": "1",
+           "DEADLINE": "900"}
+    done = subprocess.run(["bash", str(EXPERIMENTS / "gpu_breakout.sh")], cwd=EXPERIMENTS.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    play = json.loads((out / "play.json").read_text())
+    assert [e["seed"] for e in play["plain"]["episodes"]] == [0, 1]
+    assert {p.name for p in (out / "plain").iterdir()} == {"config.json", "ema.safetensors", "metrics.jsonl"}
+    assert "plain: Breakout" in (out / "log.txt").read_text()

@@ -289,8 +289,8 @@ class Policy(nn.Module):
         """SigLIP 2 on (B, side*side, p*p*3) patches of same-sized images -> (B, side*side, Dv).
 
         ``Siglip2VisionModel.forward`` with the position table resized once for the whole batch:
-        transformers up to 5.17 at least resizes it image by image, with a GPU sync for each, which
-        made training 9x slower on an H200 (BENCHMARKS.md). A test checks that both agree.
+        transformers 5.17 (at least) resizes it image by image, with a GPU sync for each: the ``cpu``
+        preset trained 3.2x slower on an H200 at batch 256 (BENCHMARKS.md). A test checks both agree.
         """
         embeddings = self.vision.embeddings
         grid = embeddings.position_embedding_size
