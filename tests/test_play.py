@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from walkthrough import actions as A
 from walkthrough.chunks import ChunkStore
 from walkthrough.cli import app
-from walkthrough.games import AtariGame
+from walkthrough.games import AtariGame, ExpertPlayer
 from walkthrough.play import Agent, _grade, evaluate_offline, play, preprocess
 from walkthrough.policy import PRESETS, Policy, PolicyConfig, PolicyDataset
 from walkthrough.video import VideoWriter, iter_frames
@@ -57,6 +57,42 @@ def test_play_writes_scores_and_video(tmp_path):
     assert len(saved["episodes"]) == 2 and saved["episodes"][0]["steps"] == 30
     assert saved["mean"] == pytest.approx(np.mean([e["score"] for e in saved["episodes"]]))
     assert (tmp_path / "Breakout_ep0.mp4").stat().st_size > 0 and not (tmp_path / "Breakout_ep1.mp4").exists()
+
+
+def test_expert_agreement_grades_each_step_against_the_scripted_expert(tmp_path, monkeypatch):
+    """An idle player never serves in Breakout, where the expert's first move is to serve: 0 agreement.
+    A player that does what the noise-free expert does agrees on every step; games without an expert
+    get no agreement."""
+    monkeypatch.setattr(Agent, "act", lambda self, frame: A.idle(1)[0])
+    idle = play(tiny_policy(), "Breakout", episodes=1, out=tmp_path / "idle", max_seconds=2.0, videos=0, progress=False)
+    assert idle["episodes"][0]["expert_agreement"] == 0.0 and idle["expert_agreement"] == 0.0
+    assert idle["expert_agreement_by_action"] == {"FIRE": 0.0}
+    none = play(tiny_policy(), "Pitfall", episodes=1, out=tmp_path / "pitfall", max_seconds=0.5, videos=0,
+                progress=False)
+    assert none["expert_agreement"] is None and none["episodes"][0]["expert_agreement"] is None
+    assert none["expert_agreement_by_action"] == {}
+
+    from walkthrough import play as play_module
+
+    envs = []
+
+    class Watched(AtariGame):  # lets the mimic below read the game's RAM, as the judge does
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            envs.append(self)
+
+    twin = {}
+
+    def mimic(self, frame):
+        expert = twin.setdefault("expert", ExpertPlayer(envs[-1], aim_px=0.0, lapses_per_s=0.0))
+        return A.ale_to_gamepad(expert.act(envs[-1]))
+
+    monkeypatch.setattr(play_module, "AtariGame", Watched)
+    monkeypatch.setattr(Agent, "act", mimic)
+    same = play(tiny_policy(), "Breakout", episodes=1, out=tmp_path / "same", max_seconds=2.0, videos=0, progress=False)
+    assert same["expert_agreement"] == 1.0
+    assert len(same["expert_agreement_by_action"]) > 1 and set(same["expert_agreement_by_action"].values()) == {1.0}
+
 
 
 def test_offline_grades_first_action_and_chunk(recorded):

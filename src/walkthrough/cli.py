@@ -191,8 +191,10 @@ def play(
                             sticky=sticky, videos=videos)
     except (ValueError, OSError, VideoError) as e:
         fail(str(e))
-    console.print(f"[bold]{result['game']}[/]: {result['mean']:g} +- {result['std']:g} over {episodes} episodes "
-                  f"({result['chunk_latency_ms']:.1f} ms per chunk) -> {out / 'scores.json'}")
+    agreement = result["expert_agreement"]
+    console.print(f"[bold]{result['game']}[/]: {result['mean']:g} +- {result['std']:g} over {episodes} episodes"
+                  + (f", agreement with the expert {agreement:.3f}" if agreement is not None else "")
+                  + f" ({result['chunk_latency_ms']:.1f} ms per chunk) -> {out / 'scores.json'}")
 
 
 @app.command("eval-policy")

@@ -4,6 +4,9 @@ Closed loop (``play``): each step the game's screen is turned into a model input
 path training frames took (``preprocess``); every ``replan_every`` steps the agent samples a chunk
 of H actions from the latest context frames and executes its first ``replan_every`` actions
 (receding horizon). Scores go to PLAY/scores.json, the first episodes to PLAY/<game>_ep<i>.mp4.
+In games with a scripted expert, each step is also graded against what the expert would do there
+(without its aim noise and lapses): ``expert_agreement``, a dense closed-loop measure beside the score,
+and per action the expert wanted, how often the agent did the same (e.g. Breakout's serve, FIRE).
 
 Offline (``evaluate_offline``): chunks sampled for held-out windows against their true actions:
 per-button F1 and stick error of the first action and of the whole chunk.
@@ -14,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 import av
@@ -26,7 +29,7 @@ from torch.utils.data import default_collate
 from walkthrough import actions as A
 from walkthrough import metrics
 from walkthrough.chunks import ChunkStore, write_json_atomic
-from walkthrough.games import AtariGame
+from walkthrough.games import EXPERT_GAMES, AtariGame, ExpertPlayer
 from walkthrough.policy import Policy, PolicyDataset, to_flow
 from walkthrough.train import load_model, read_run_config
 from walkthrough.video import VideoWriter
@@ -87,28 +90,39 @@ def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int 
     out.mkdir(parents=True, exist_ok=True)
     env = AtariGame(game, seed=seed, fps=policy.config.fps, sticky=sticky, max_seconds=max_seconds)
     agent = Agent(policy, game, replan_every, sample_steps, cfg_scale, seed)
-    runs = []
+    runs, wanted, agreed_on = [], Counter(), Counter()  # per ALE action the expert wanted
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress) as bar, torch.inference_mode():
         task = bar.add_task(f"{game}", total=episodes)
         for i in range(episodes):
-            frame, done, score = env.reset(seed + i), False, 0.0
+            frame, done, score, agreed = env.reset(seed + i), False, 0.0, 0
             agent.reset()
+            judge = ExpertPlayer(env, aim_px=0.0, lapses_per_s=0.0) if game in EXPERT_GAMES else None
             recording = VideoWriter(out / f"{game}_ep{i}.mp4", policy.config.fps) if i < videos else None
             with recording or contextlib.nullcontext():
                 while not done:
                     if recording is not None:
                         recording.write(frame)
-                    frame, reward, done = env.step_gamepad(agent.act(frame))
+                    action = A.gamepad_to_ale(agent.act(frame), env.minimal_actions)
+                    if judge is not None:
+                        expert = judge.act(env)
+                        wanted[A.ALE_ACTIONS[expert]] += 1
+                        agreed_on[A.ALE_ACTIONS[expert]] += action == expert
+                        agreed += action == expert
+                    frame, reward, done = env.step_ale(action)
                     score += reward
                     if env.steps % int(policy.config.fps) == 0:
                         bar.update(task, description=f"{game} ep {i} t={env.steps / env.fps:.0f}s score {score:g}")
-            runs.append({"seed": seed + i, "score": score, "steps": env.steps, "truncated": env.truncated})
+            runs.append({"seed": seed + i, "score": score, "steps": env.steps, "truncated": env.truncated,
+                         "expert_agreement": agreed / env.steps if judge is not None else None})
             bar.update(task, advance=1, description=f"{game} ep {i} score {score:g}")
     scores = np.array([r["score"] for r in runs])
     result = {
         "game": game, "game_known": game in policy.config.games, "episodes": runs,
         "mean": float(scores.mean()), "std": float(scores.std()),
+        "expert_agreement": (float(np.mean([r["expert_agreement"] for r in runs]))
+                             if game in EXPERT_GAMES else None),
+        "expert_agreement_by_action": {name: agreed_on[name] / n for name, n in sorted(wanted.items())},
         "replan_every": replan_every, "sample_steps": sample_steps or policy.config.sample_steps,
         "cfg_scale": cfg_scale, "sticky": sticky, "max_seconds": max_seconds,
         "chunk_latency_ms": 1000 * float(np.mean(agent.latencies)),
