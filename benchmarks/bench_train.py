@@ -6,6 +6,9 @@ For each model, the training loop's step (bf16 autocast, AdamW, clipping) runs o
 the device (the model's ceiling) and on batches from the real loader (preloaded episodes, worker
 processes, pinned memory, copy to the device), in alternating rounds; medians are reported with their
 ratio, the loader's share of the ceiling. Peak device memory per model is shown where it is a GPU.
+``--compile`` runs the loss through ``torch.compile`` (not used by training yet: on the 2-core CPU it
+gained nothing, 1.0-1.2x on the policy's CPU preset; on a GPU, where small models are launch-bound,
+this is how to find out).
 
 Without --data it records ~1 minute of Breakout and Pong into a temporary chunk store. Prints a table
 and a last line ``JSON: {...}``.
@@ -53,13 +56,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def samples_per_s(model: nn.Module, optimizer, batches, steps: int, batch_size: int, device: torch.device) -> float:
+def samples_per_s(model: nn.Module, loss_of, optimizer, batches, steps: int, batch_size: int,
+                  device: torch.device) -> float:
     synchronize(device)
     start = time.perf_counter()
     for batch in islice(batches, steps):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss, _ = model.loss(batch)
+            loss, _ = loss_of(batch)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -69,21 +73,22 @@ def samples_per_s(model: nn.Module, optimizer, batches, steps: int, batch_size: 
 
 
 def measure(name: str, episodes: list, device: torch.device, batch_size: int, workers: int, steps: int,
-            rounds: int) -> dict:
+            rounds: int, compile: bool) -> dict:
     torch.manual_seed(0)
     model, dataset = build(name, episodes, preload=True)
     model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    loss_of = torch.compile(model.loss) if compile else model.loss
     loader = iter(make_loader(dataset, TrainConfig(batch_size=batch_size, num_workers=workers, augment=True)))
     on_device = cycle([{k: v.to(device) for k, v in next(loader).items()} for _ in range(4)])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    samples_per_s(model, optimizer, on_device, 3, batch_size, device)  # warm up kernels, allocator, workers
+    samples_per_s(model, loss_of, optimizer, on_device, 3, batch_size, device)  # warm up (and compile)
     ceiling, loaded = [], []
     for _ in range(rounds):
-        ceiling.append(samples_per_s(model, optimizer, on_device, steps, batch_size, device))
-        loaded.append(samples_per_s(model, optimizer, loader, steps, batch_size, device))
-    result = {"model": name, "params_m": round(parameter_count(model) / 1e6, 2), "batch_size": batch_size,
+        ceiling.append(samples_per_s(model, loss_of, optimizer, on_device, steps, batch_size, device))
+        loaded.append(samples_per_s(model, loss_of, optimizer, loader, steps, batch_size, device))
+    result = {"model": name, "compiled": compile, "params_m": round(parameter_count(model) / 1e6, 2), "batch_size": batch_size,
               "on_device_samples_per_s": round(statistics.median(ceiling), 1),
               "loader_samples_per_s": round(statistics.median(loaded), 1)}
     result["ratio"] = round(result["loader_samples_per_s"] / result["on_device_samples_per_s"], 3)
@@ -105,6 +110,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and path")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the loss")
     args = parser.parse_args()
     device = torch.device(args.device)
     batch_sizes = {pair.split(":")[0]: int(pair.split(":")[1]) for pair in args.batch_sizes.split(",")}
@@ -123,11 +129,12 @@ def main() -> None:
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
         results.append(measure(name, episodes, device, batch_sizes.get(name, 64), args.workers, args.steps,
-                               args.rounds))
+                               args.rounds, args.compile))
         print(json.dumps(results[-1]), flush=True)
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    table = Table(title=f"Training throughput on {where}, bf16, {args.workers} loader workers")
+    table = Table(title=f"Training throughput on {where}, bf16, {args.workers} loader workers"
+                        + (", torch.compile" if args.compile else ""))
     for column in ("model", "params (M)", "batch", "on-device samples/s", "loader samples/s", "ratio", "peak GiB"):
         table.add_column(column, justify="right")
     for r in results:

@@ -104,6 +104,9 @@ echo "play done at ${SECONDS}s"
 
 echo "== bench_train"
 [ -z "$SKIP_BENCH" ] && [ "$(left)" -gt 25 ] && timeout $(( $(left) - 15 )) $PY benchmarks/bench_train.py --steps 8 --rounds 2 $BENCH_TRAIN_ARGS
+echo "== bench_train --compile (the small models, which a GPU runs launch-bound)"
+[ -z "$SKIP_BENCH" ] && [ "$(left)" -gt 90 ] && timeout $(( $(left) - 60 )) $PY benchmarks/bench_train.py --compile \
+    --steps 8 --rounds 2 --models policy-cpu,idm-cpu
 echo "== bench_label (cpu-preset IDM on ${LABEL_DEVICE:-no device: skipped})"
 [ -z "$SKIP_BENCH" ] && [ -n "$LABEL_DEVICE" ] && [ "$(left)" -gt 20 ] && timeout $(( $(left) - 5 )) $PY benchmarks/bench_label.py --device $LABEL_DEVICE --seconds 10 \
     --file-minutes 0.5 --minutes
