@@ -1,6 +1,6 @@
 """Training throughput of the IDM and the policy on one device (a GPU where there is one), per preset.
 
-    python benchmarks/bench_train.py [--device cuda] [--data DATA] [--models idm-cpu,policy-cpu,...]
+    python benchmarks/bench_train.py [--device cuda] [--data DATA] [--models idm-cpu,policy-cpu,...] [--compile]
 
 For each model, the training loop's step (bf16 autocast, AdamW, clipping) runs on batches already on
 the device (the model's ceiling) and on batches from the real loader (preloaded episodes, worker
@@ -38,6 +38,8 @@ from walkthrough.idm import parameter_count
 from walkthrough.train import TrainConfig, make_loader
 
 MODELS = ("idm-cpu", "idm-gpu", "policy-cpu", "policy-gpu")
+GPU_BATCHES = "idm-cpu:256,idm-gpu:128,policy-cpu:256,policy-gpu:32"
+CPU_BATCHES = "idm-cpu:64,policy-cpu:32"
 
 
 def build(name: str, episodes: list, preload: bool) -> tuple[nn.Module, torch.utils.data.Dataset]:
@@ -104,16 +106,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data", type=Path, help="chunk store (default: record a small one)")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--batch-sizes", default="idm-cpu:256,idm-gpu:128,policy-cpu:256,policy-gpu:32",
-                        help="MODEL:BATCH pairs (comma-separated)")
-    parser.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 2)))
+    parser.add_argument("--models", help=f"comma-separated, from {', '.join(MODELS)} (default: all on a GPU, "
+                        "the cpu presets on the CPU)")
+    parser.add_argument("--batch-sizes", help="MODEL:BATCH pairs, comma-separated (default: a GPU's "
+                        f"{GPU_BATCHES}; on the CPU {CPU_BATCHES})")
+    parser.add_argument("--workers", type=int, help="loader workers (default: up to 8 on a GPU machine, 1 on the CPU)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and path")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the loss")
     args = parser.parse_args()
     device = torch.device(args.device)
-    batch_sizes = {pair.split(":")[0]: int(pair.split(":")[1]) for pair in args.batch_sizes.split(",")}
+    gpu = device.type == "cuda"
+    models = args.models or ",".join(MODELS if gpu else ("idm-cpu", "policy-cpu"))
+    batches = args.batch_sizes or (GPU_BATCHES if gpu else CPU_BATCHES)
+    batch_sizes = {pair.split(":")[0]: int(pair.split(":")[1]) for pair in batches.split(",")}
+    if args.workers is None:
+        args.workers = min(8, max(1, (os.cpu_count() or 2) - 2)) if gpu else 1
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -125,7 +133,7 @@ def main() -> None:
         games.record(data, ["Breakout", "Pong"], player="random", episodes=1, max_seconds=30, progress=False)
     episodes = ChunkStore(data).episodes
     results = []
-    for name in args.models.split(","):
+    for name in models.split(","):
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
         results.append(measure(name, episodes, device, batch_sizes.get(name, 64), args.workers, args.steps,
