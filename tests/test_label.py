@@ -105,6 +105,8 @@ def test_overlapping_windows_average_as_the_idm_does(idm_run, walkthroughs, tmp_
     np.testing.assert_allclose(steps.column("confidence").to_numpy(), expected["confidence"].numpy(), rtol=1e-4)
     motion = (np.abs(np.diff(frames.astype(np.int16), axis=0)) > label.MOTION_LEVEL).any(-1).mean((1, 2))
     np.testing.assert_allclose(steps.column("motion").to_numpy(), motion, rtol=1e-6)
+    level = frames.reshape(len(frames), -1).mean(1)
+    np.testing.assert_allclose(steps.column("brightness").to_numpy(), np.maximum(level[:-1], level[1:]), rtol=1e-6)
 
 
 def test_broken_inputs_are_listed_and_the_rest_is_labeled(idm_run, walkthroughs, tmp_path):

@@ -232,14 +232,21 @@ def decode_rows(job: dict, spec: DecodeSpec) -> Iterator[dict]:
     T, K, path = spec.frames, spec.block, Path(job["path"])
     length, sums = K + T + 1, K + T - 2  # frames per block, transitions its windows reach
     pending: list[np.ndarray] = []  # frames start-1 .. of the next block
-    stats: list[tuple[float, float]] = []  # (brightness, motion) of transitions start ..
 
     def block(start: int, starts: np.ndarray, steps: int) -> dict:
-        frames = pending + [pending[-1]] * (length - len(pending))  # past the end: the last frame
-        owned = np.zeros((2, sums), np.float32)
-        owned[:, :steps] = np.asarray(stats[:steps], np.float32).reshape(steps, 2).T
-        return {"video": job["key"], "start": start, "frames": np.stack(frames), "starts": starts, "steps": steps,
-                "brightness": owned[0], "motion": owned[1], "end": ""}
+        frames = np.stack(pending + [pending[-1]] * (length - len(pending)))  # past the end: the last frame
+        # Transition start + j is block frame 1 + j -> 2 + j. Whole blocks, integer sums and channels
+        # one by one: frame by frame (or reducing over the axis of 3) this took as long as decoding,
+        # and with the IDM on a GPU the labeler waits on it (BENCHMARKS.md).
+        pixels = frames[1:2 + steps].reshape(steps + 1, -1)
+        level = pixels.sum(1, dtype=np.uint32) / pixels.shape[1]  # (steps + 1,) mean pixel value
+        change = np.abs(frames[2:2 + steps].astype(np.int16) - frames[1:1 + steps]) > MOTION_LEVEL  # (steps, H, W, 3)
+        changed = (change[..., 0] | change[..., 1] | change[..., 2]).reshape(steps, -1)  # any channel
+        brightness, motion = np.zeros(sums, np.float32), np.zeros(sums, np.float32)
+        brightness[:steps] = np.maximum(level[:-1], level[1:])
+        motion[:steps] = np.count_nonzero(changed, axis=1) / changed.shape[1]
+        return {"video": job["key"], "start": start, "frames": frames, "starts": starts, "steps": steps,
+                "brightness": brightness, "motion": motion, "end": ""}
 
     end: dict = {"frames": 0, "error": None}
     try:
@@ -247,19 +254,15 @@ def decode_rows(job: dict, spec: DecodeSpec) -> Iterator[dict]:
         crop = find_letterbox(path, info) if spec.crop_letterbox else None
         end["source"] = {"width": info.width, "height": info.height, "fps": info.fps,
                          "duration": info.duration, "codec": info.codec, "crop": crop}
-        n, start, level = 0, 0, 0.0
+        n, start = 0, 0
         for _, frame in video.iter_frames(path, spec.fps, spec.size, crop):
-            frame_level = float(frame.mean())
-            if n:
-                changed = (np.abs(frame.astype(np.int16) - pending[-1]) > MOTION_LEVEL).any(-1).mean()
-                stats.append((max(level, frame_level), float(changed)))
-            else:
+            if not n:
                 pending.append(frame)  # frame -1: the video's first frame stands in
             pending.append(frame)
-            level, n = frame_level, n + 1
+            n += 1
             if len(pending) == length:  # frames start-1 .. start+K+T-1 are in
                 yield block(start, np.arange(start, start + K) % spec.stride == 0, K)
-                pending, stats, start = pending[K:], stats[K:], start + K
+                pending, start = pending[K:], start + K
         end["frames"] = n
         if n < T:
             raise video.VideoError(f"{path}: too short to label: {n} frame(s) at {spec.fps:g} fps, "
