@@ -31,7 +31,9 @@ EVAL_EVERY=${EVAL_EVERY:-1000}
 TMP=${WORK:-$(mktemp -d)}  # runs and plays
 mkdir -p "$TMP"
 # the CPU recipe; with augmentation; with the previous frame too (the ball's direction)
-declare -A VARIANT_ARGS=([plain]="--no-augment" [augment]="--augment" [context2]="--no-augment --context-frames 2")
+# and "continue": the recipe from the weights in $INIT_FROM (an earlier lease's run: config.json + ema.safetensors)
+declare -A VARIANT_ARGS=([plain]="--no-augment" [augment]="--augment" [context2]="--no-augment --context-frames 2"
+                         [continue]="--no-augment --init-from ${INIT_FROM:-.devdata/init}")
 declare -A RUNS
 for name in ${VARIANTS:-plain augment}; do RUNS[$name]=${VARIANT_ARGS[$name]}; done
 mkdir -p "$OUT"

@@ -151,6 +151,23 @@ def test_checkpoint_round_trip_gives_identical_actions(recorded, tmp_path):
     assert not torch.equal(ema.token_norm.running_mean, loaded.token_norm.running_mean)
 
 
+def test_a_run_starts_from_an_earlier_runs_weights_when_the_architecture_matches(recorded, tmp_path):
+    first = train_policy([Source(recorded)], tmp_path / "first", config(), quick_train(), eval_windows=8)
+    # lr 0 (weight decay scales with it): the second run's weights stay the ones it started from,
+    # the first run's EMA; its sampling-only and training-only settings may differ
+    second = train_policy([Source(recorded)], tmp_path / "second", config(noise_samples=2, sample_steps=2),
+                          quick_train(lr=0.0, ema_decay=0.0), eval_windows=8, init_from=first)
+    start, after = load_model(first), load_file(second / "model.safetensors")
+    for name, weight in start.named_parameters():
+        torch.testing.assert_close(after[name], weight, rtol=0, atol=0)
+    assert json.loads((second / "config.json").read_text())["data"]["init_from"] == str(first)
+    with pytest.raises(ValueError, match="another architecture .*horizon: 16 -> 8"):
+        train_policy([Source(recorded)], tmp_path / "third", config(horizon=8), quick_train(), init_from=first)
+    with pytest.raises(ValueError, match="not both"):
+        train_policy([Source(recorded)], tmp_path / "fourth", config(), quick_train(), init_from=first,
+                     vision_pretrained=tmp_path)
+
+
 def test_standardized_tokens_are_centred_on_the_data_they_were_measured_on():
     torch.manual_seed(0)
     cfg = config()

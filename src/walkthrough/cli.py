@@ -105,6 +105,7 @@ def train_policy(
     sample_steps: int = typer.Option(16, "--sample-steps", min=1, help="Euler steps when sampling (validation and play default)."),
     vision_pretrained: Optional[Path] = typer.Option(None, "--vision-pretrained", help="Local directory of a SigLIP 2 saved with save_pretrained."),
     freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Keep the vision encoder's weights fixed."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of an earlier policy run (same architecture; a new optimizer and schedule)."),
     standardize_tokens: Optional[bool] = typer.Option(None, "--standardize-tokens/--raw-tokens", help="BatchNorm over the image tokens before the DiT (default: the preset's; on for cpu and test)."),
     game_dropout: float = typer.Option(0.1, "--game-dropout", min=0.0, max=1.0, help="Probability of hiding the game id (trains the CFG unconditional)."),
     no_confidence_weighting: bool = typer.Option(False, "--no-confidence-weighting", help="Weight pseudo-label steps 1 instead of by their confidence."),
@@ -149,7 +150,8 @@ def train_policy(
         sources = [policy.Source.parse(d) for d in data]
         policy.train_policy(sources, out, config, train_cfg, val_fraction=val_fraction,
                             use_confidence=not no_confidence_weighting,
-                            vision_pretrained=vision_pretrained, preload=preload, resume=resume)
+                            vision_pretrained=vision_pretrained, preload=preload, resume=resume,
+                            init_from=init_from)
     except (ValueError, OSError, VideoError) as e:
         fail(str(e))
 

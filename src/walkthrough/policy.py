@@ -23,7 +23,7 @@ training entry point. Acting in a game and offline evaluation are in ``walkthrou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from transformers import Siglip2VisionConfig, Siglip2VisionModel
 from walkthrough import actions as A
 from walkthrough.chunks import ChunkStore, Episode
 from walkthrough.dataset import WindowDataset, WindowSpec, split_episodes
-from walkthrough.train import TrainConfig, register, train
+from walkthrough.train import TrainConfig, load_model, register, train
 
 NULL_GAME = 0  # game id of "no game / unknown game": also the unconditional id of classifier-free guidance
 # Architecture keys of a Siglip2VisionConfig that we keep in our own config (enough to rebuild it).
@@ -404,6 +404,31 @@ def with_pretrained_vision(config: PolicyConfig, directory: Path | str) -> Polic
     return policy
 
 
+# Config fields that shape only training or sampling: a run may start from weights trained with others.
+TRAINING_ONLY = ("games", "sample_steps", "game_dropout", "noise_samples", "beta_alpha", "beta_beta", "freeze_vision")
+
+
+def initialised_from(run_dir: Path | str, config: PolicyConfig) -> Policy:
+    """A policy for ``config`` that starts from the weights (EMA where kept) of the policy run in
+    ``run_dir``: to train on with new data or a new budget, e.g. across GPU leases. The architecture
+    must be the same; the game vocabulary becomes the earlier run's, which must hold every game of ``config``.
+    """
+    earlier = load_model(Path(run_dir))
+    if not isinstance(earlier, Policy):
+        raise ValueError(f"{run_dir}: not a policy run")
+    before, now = asdict(earlier.config), asdict(config)
+    differ = [f"{k}: {before[k]} -> {now[k]}" for k in now if k not in TRAINING_ONLY and before[k] != now[k]]
+    if differ:
+        raise ValueError(f"{run_dir}: a policy of another architecture ({'; '.join(differ)})")
+    unknown = sorted(set(config.games) - set(earlier.config.games))
+    if unknown:
+        raise ValueError(f"{run_dir}: its policy knows no {', '.join(unknown)} (its games: "
+                         f"{', '.join(earlier.config.games)})")
+    policy = Policy(replace(config, games=earlier.config.games))
+    policy.load_state_dict(earlier.state_dict())
+    return policy
+
+
 register("policy", PolicyConfig, Policy)
 
 
@@ -482,14 +507,17 @@ class PolicyDataset(Dataset):
 def train_policy(sources: list[Source], out: Path, config: PolicyConfig, train_cfg: TrainConfig,
                  val_fraction: float = 0.1, use_confidence: bool = True,
                  vision_pretrained: Path | None = None, preload: bool = True, resume: bool = False,
-                 eval_windows: int = 256) -> Path:
+                 eval_windows: int = 256, init_from: Path | None = None) -> Path:
     """Train a policy on a weighted mixture of chunk stores into the run directory ``out``.
 
     Validation (loss, and the offline action metrics of ``play.evaluate_offline``) runs on held-out
     ground-truth episodes only: pseudo-labels all go to training. The game vocabulary is every game
-    in the data.
+    in the data, or the vocabulary of the run ``init_from`` whose weights it starts from.
     """
     from walkthrough.play import evaluate_offline  # play imports this module
+
+    if init_from and vision_pretrained:
+        raise ValueError("start from an earlier run (--init-from) or from pretrained vision (--vision-pretrained), not both")
 
     if config.standardize_tokens and train_cfg.batch_size < 2:
         raise ValueError("token standardisation (BatchNorm) needs batches of at least 2 windows; "
@@ -497,6 +525,8 @@ def train_policy(sources: list[Source], out: Path, config: PolicyConfig, train_c
 
     stores = [(ChunkStore(s.path), s) for s in sources]
     config = replace(config, games=sorted({e.game for store, _ in stores for e in store}))
+    model = initialised_from(init_from, config) if init_from else None
+    config = model.config if model is not None else config
     parts, held_out, summary = [], [], []
     for store, source in stores:
         truth = [e for e in store if not is_pseudo_label(e)]
@@ -508,7 +538,8 @@ def train_policy(sources: list[Source], out: Path, config: PolicyConfig, train_c
                         "pseudo_episodes": len(pseudo)})
     train_set = PolicyDataset(parts, config, use_confidence, preload, seed=train_cfg.seed)
     val_set = PolicyDataset([(held_out, 1.0)], config, use_confidence, preload) if held_out else None
-    model = with_pretrained_vision(config, vision_pretrained) if vision_pretrained else Policy(config)
+    if model is None:
+        model = with_pretrained_vision(config, vision_pretrained) if vision_pretrained else Policy(config)
 
     def evaluate(policy: nn.Module) -> dict[str, float]:
         metrics = evaluate_offline(policy, val_set, max_windows=eval_windows)
@@ -516,6 +547,7 @@ def train_policy(sources: list[Source], out: Path, config: PolicyConfig, train_c
                    for name in ("button_f1", "stick_mae")}, "image_gain": metrics["image_gain"]}
 
     data = {"sources": summary, "val_episodes": [e.video_id for e in held_out],
-            "use_confidence": use_confidence, "vision_pretrained": str(vision_pretrained or "")}
+            "use_confidence": use_confidence, "vision_pretrained": str(vision_pretrained or ""),
+            "init_from": str(init_from or "")}
     return train(model, train_cfg, train_set, val_set, out, resume=resume,
                  evaluate=evaluate if val_set is not None else None, model_type="policy", data=data)
