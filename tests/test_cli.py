@@ -23,6 +23,9 @@ def test_help_has_an_example(command):
     (["label", "--ckpt", "DEEP/NO_RUN", "DEEP", "--out", "DEEP/LABELS"], "NO_RUN"),
     (["train-policy", "--data", "DEEP/MISSING", "--out", "DEEP/RUN"], "MISSING"),
     (["play", "--ckpt", "DEEP/NO_RUN", "--out", "DEEP/PLAY"], "NO_RUN"),
+    (["play", "--ckpt", "DEEP/NO_RUN", "--out", "DEEP/PLAY", "--device", "tpu:9"], "tpu:9"),
+    (["eval-policy", "--ckpt", "DEEP/NO_RUN", "--data", "DEEP", "--device", "tpu:9"], "tpu:9"),
+    (["label", "--ckpt", "DEEP/NO_RUN", "DEEP", "--out", "DEEP/LABELS", "--device", "tpu:9"], "tpu:9"),
 ])
 def test_bad_input_is_one_line(args, message, tmp_path):
     deep = tmp_path / ("a_rather_long_directory_name_" * 4)  # longer than any terminal line

@@ -181,3 +181,11 @@ def test_ddp_on_two_gloo_processes_matches_one_process(tmp_path):
         assert torch.allclose(ddp.predict(frames)[key], one.predict(frames)[key], atol=1e-5)
     lines = (tmp_path / "ddp" / T.METRICS_FILE).read_text().splitlines()
     assert len([line for line in lines if '"train"' in line]) == 6  # rank 0 alone writes
+
+
+def test_devices_named_on_the_command_line_are_checked():
+    assert T.check_device("cpu") == torch.device("cpu")
+    for name, message in (("tpu:9", "unknown device"), ("mps", "only cpu and cuda"),
+                          (f"cuda:{torch.cuda.device_count()}", "CUDA GPU")):
+        with pytest.raises(ValueError, match=message):
+            T.check_device(name)

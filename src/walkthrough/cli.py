@@ -171,6 +171,7 @@ def play(
     videos: int = typer.Option(1, "--videos", min=0, help="How many of the first episodes to save as mp4."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights when the run has them."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads; one chunk for one frame is too small to split, so 1 is fastest."),
+    device: str = typer.Option("cpu", "--device", help="Where the policy runs: cpu | cuda | cuda:N (large presets need a GPU to act in real time)."),
 ) -> None:
     """Play an Atari game closed-loop from pixels with a trained policy; write scores and videos.
 
@@ -180,15 +181,17 @@ def play(
 
     from walkthrough import games
     from walkthrough.play import play as play_games
-    from walkthrough.train import load_model
+    from walkthrough.train import check_device, load_model
     from walkthrough.video import VideoError
 
     torch.set_num_threads(threads)
     try:
+        where = check_device(device)
         name = games.resolve_games(game)
         if len(name) != 1:
             raise ValueError(f"play one game at a time, got {', '.join(name)}")
-        result = play_games(load_model(ckpt, ema=ema), name[0], episodes, out, replan_every=replan_every,
+        policy = load_model(ckpt, ema=ema).to(where)
+        result = play_games(policy, name[0], episodes, out, replan_every=replan_every,
                             sample_steps=sample_steps, cfg_scale=cfg_scale, seed=seed, max_seconds=max_seconds,
                             sticky=sticky, videos=videos)
     except (ValueError, OSError, VideoError) as e:
@@ -208,6 +211,7 @@ def eval_policy(
     sample_steps: Optional[int] = typer.Option(None, "--sample-steps", min=1),
     cfg_scale: float = typer.Option(1.0, "--cfg-scale"),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics here as JSON (else stdout)."),
+    device: str = typer.Option("cpu", "--device", help="Where the policy runs: cpu | cuda | cuda:N."),
 ) -> None:
     """Grade a policy offline: per-button F1 and stick error of the first action and the whole chunk, and how much the image helps (image gain: flow error with another window's frames / with its own, - 1).
 
@@ -220,8 +224,8 @@ def eval_policy(
     from walkthrough.video import VideoError
 
     try:
-        result = evaluate_run(ckpt, data, all_episodes, max_windows=max_windows, sample_steps=sample_steps,
-                              cfg_scale=cfg_scale)
+        result = evaluate_run(ckpt, data, all_episodes, device=device, max_windows=max_windows,
+                              sample_steps=sample_steps, cfg_scale=cfg_scale)
     except (ValueError, OSError, VideoError) as e:
         fail(str(e))
     if out is None:

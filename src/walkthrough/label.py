@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 import torch
 
 from walkthrough import actions as A
-from walkthrough import chunks, idm, video
+from walkthrough import chunks, idm, train, video
 from walkthrough.metrics import STICK_BINS, step_active, summarize
 
 
@@ -92,6 +92,7 @@ class LabelConfig:
         if self.backend not in ("local", "ray"):
             raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}")
         shard_index(self.shard)  # validates "i/N"
+        train.check_device(self.device)
         if self.bf16 is None:
             self.bf16 = idm.native_bf16(self.device)
         if self.batch_size < 1 or self.prefetch < 1 or (self.threads is not None and self.threads < 1):
@@ -586,8 +587,6 @@ class LabelStore:
 # --- 8. Running ------------------------------------------------------------------------------------
 def load_idm(run_dir: Path, device: str = "cpu") -> tuple[idm.IDM, dict]:
     """The run's weights (EMA when kept), in eval mode, and what the metadata says about them."""
-    from walkthrough import train
-
     run_dir = Path(run_dir).resolve()
     saved = train.read_run_config(run_dir)
     weights = run_dir / (train.EMA_FILE if (run_dir / train.EMA_FILE).exists() else train.MODEL_FILE)

@@ -31,7 +31,7 @@ from walkthrough import metrics
 from walkthrough.chunks import ChunkStore, write_json_atomic
 from walkthrough.games import EXPERT_GAMES, AtariGame, ExpertPlayer
 from walkthrough.policy import Policy, PolicyDataset, to_flow
-from walkthrough.train import load_model, read_run_config
+from walkthrough.train import check_device, load_model, read_run_config
 from walkthrough.video import VideoWriter
 
 
@@ -190,10 +190,11 @@ def flow_errors_own_and_other_frames(policy: Policy, batch: dict, generator: tor
 
 
 def evaluate_run(run_dir: Path, data: list[Path], all_episodes: bool = False, ema: bool = True,
-                 **kwargs) -> dict:
+                 device: str = "cpu", **kwargs) -> dict:
     """Grade the run's policy offline on ``data``: the episodes the run held out for validation, or
     with ``all_episodes`` every episode (for data recorded apart from the training set)."""
-    policy = load_model(run_dir, ema=ema)
+    where = check_device(device)
+    policy = load_model(run_dir, ema=ema).to(where)
     held_out = set(read_run_config(run_dir)["data"].get("val_episodes", []))
     episodes = [e for source in data for e in ChunkStore(source)]
     if not all_episodes:

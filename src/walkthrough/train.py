@@ -290,6 +290,21 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 
 
 # --- 5. Distributed: torchrun sets the environment, the command stays the same -------------------------
+def check_device(name: str) -> torch.device:
+    """A device named on the command line ("cpu", "cuda", "cuda:1"), if this machine has it; else ValueError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this machine has no CUDA GPU that torch {torch.__version__} can use")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: only cpu and cuda are supported")
+    return device
+
+
 @dataclass(frozen=True)
 class Distributed:
     rank: int
