@@ -28,28 +28,17 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
 from walkthrough.chunks import ChunkStore
 from walkthrough.dataset import WindowDataset, WindowSpec
 from walkthrough.idm import IDM, IDMConfig, describe, preset
-from walkthrough.train import TrainConfig, make_loader
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> None:
-    """One step as ``train.train`` takes it."""
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = model.loss(batch)
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+from walkthrough.train import TrainConfig, make_loader, training_step
 
 
 def samples_per_s(model, optimizer, batches, steps: int, batch_size: int) -> float:
     start = time.perf_counter()
     for batch in islice(batches, steps):
-        train_step(model, optimizer, batch)
+        training_step(model.loss, model, optimizer, batch, torch.device("cpu"))  # the loop's own step
     return steps * batch_size / (time.perf_counter() - start)
 
 

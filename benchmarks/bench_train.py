@@ -35,7 +35,7 @@ from walkthrough import idm, policy
 from walkthrough.chunks import ChunkStore
 from walkthrough.dataset import WindowDataset, WindowSpec
 from walkthrough.idm import parameter_count
-from walkthrough.train import TrainConfig, make_loader
+from walkthrough.train import TrainConfig, make_loader, training_step
 
 MODELS = ("idm-cpu", "idm-gpu", "policy-cpu", "policy-gpu")
 GPU_BATCHES = "idm-cpu:256,idm-gpu:128,policy-cpu:256,policy-gpu:32"
@@ -63,13 +63,7 @@ def samples_per_s(model: nn.Module, loss_of, optimizer, batches, steps: int, bat
     synchronize(device)
     start = time.perf_counter()
     for batch in islice(batches, steps):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss, _ = loss_of(batch)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        training_step(loss_of, model, optimizer, batch, device)  # the training loop's own step
     synchronize(device)
     return steps * batch_size / (time.perf_counter() - start)
 

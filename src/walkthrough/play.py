@@ -90,6 +90,7 @@ def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int 
     out.mkdir(parents=True, exist_ok=True)
     env = AtariGame(game, seed=seed, fps=policy.config.fps, sticky=sticky, max_seconds=max_seconds)
     agent = Agent(policy, game, replan_every, sample_steps, cfg_scale, seed)
+    graded = game in EXPERT_GAMES  # a scripted expert can judge each step
     runs, wanted, agreed_on = [], Counter(), Counter()  # per ALE action the expert wanted
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress) as bar, torch.inference_mode():
@@ -97,7 +98,7 @@ def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int 
         for i in range(episodes):
             frame, done, score, agreed = env.reset(seed + i), False, 0.0, 0
             agent.reset()
-            judge = ExpertPlayer(env, aim_px=0.0, lapses_per_s=0.0) if game in EXPERT_GAMES else None
+            judge = ExpertPlayer(env, aim_px=0.0, lapses_per_s=0.0) if graded else None
             recording = VideoWriter(out / f"{game}_ep{i}.mp4", policy.config.fps) if i < videos else None
             with recording or contextlib.nullcontext():
                 while not done:
@@ -114,14 +115,13 @@ def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int 
                     if env.steps % int(policy.config.fps) == 0:
                         bar.update(task, description=f"{game} ep {i} t={env.steps / env.fps:.0f}s score {score:g}")
             runs.append({"seed": seed + i, "score": score, "steps": env.steps, "truncated": env.truncated,
-                         "expert_agreement": agreed / env.steps if judge is not None else None})
+                         "expert_agreement": agreed / env.steps if graded else None})
             bar.update(task, advance=1, description=f"{game} ep {i} score {score:g}")
     scores = np.array([r["score"] for r in runs])
     result = {
         "game": game, "game_known": game in policy.config.games, "episodes": runs,
         "mean": float(scores.mean()), "std": float(scores.std()),
-        "expert_agreement": (float(np.mean([r["expert_agreement"] for r in runs]))
-                             if game in EXPERT_GAMES else None),
+        "expert_agreement": float(np.mean([r["expert_agreement"] for r in runs])) if graded else None,
         "expert_agreement_by_action": {name: agreed_on[name] / n for name, n in sorted(wanted.items())},
         "replan_every": replan_every, "sample_steps": sample_steps or policy.config.sample_steps,
         "cfg_scale": cfg_scale, "sticky": sticky, "max_seconds": max_seconds,

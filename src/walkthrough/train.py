@@ -410,6 +410,20 @@ def check_resumable(run_dir: Path, model: nn.Module, cfg: TrainConfig, model_typ
 
 
 # --- 7. The loop ----------------------------------------------------------------------------------------
+def training_step(loss_of: Callable, model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor],
+                  device: torch.device, bf16: bool = True, grad_clip: float = 1.0) -> tuple[dict, Tensor, int]:
+    """One optimizer step on ``batch`` (moved to ``device``): the loop's, and the benchmarks' too.
+    Returns the loss's metrics, the gradient norm before clipping and the batch's window count."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss, metrics = loss_of(batch)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return metrics, grad_norm, len(batch["frames"])
+
+
 def train(model: nn.Module, train_cfg: TrainConfig, train_set: Dataset, val_set: Dataset | None, out: Path,
           resume: bool = False, evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
           model_type: str = "idm", data: dict | None = None) -> Path:
@@ -483,13 +497,8 @@ def train(model: nn.Module, train_cfg: TrainConfig, train_set: Dataset, val_set:
         lr = cfg.lr * lr_factor(cfg, step, progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = {k: v.to(env.device, non_blocking=True) for k, v in next(batches).items()}
-        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, metrics = loss_of(batch)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        metrics, grad_norm, windows = training_step(loss_of, model, optimizer, next(batches), env.device,
+                                                    cfg.bf16, cfg.grad_clip)
         if ema is not None:
             update_ema(ema, model, cfg.ema_decay, step)
         step += 1
@@ -498,7 +507,7 @@ def train(model: nn.Module, train_cfg: TrainConfig, train_set: Dataset, val_set:
         train_seconds += seconds
         progress = max(step / cfg.steps, train_seconds / budget)
         finished = progress >= 1.0
-        log.step(step, progress, len(batch["frames"]) * env.world, seconds,
+        log.step(step, progress, windows * env.world, seconds,
                  {**metrics, "lr": lr, "grad_norm": float(grad_norm)}, every=cfg.log_every)
         if finished or step % cfg.eval_every == 0:
             validate()
