@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from walkthrough import chunks, games, video
+from walkthrough import actions as A, chunks, games, video
 from walkthrough.actions import ale_to_gamepad, gamepad_to_ale, idle
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -134,6 +134,23 @@ def test_expert_beats_random(name):
     expert = [score("expert", s) for s in range(2)]
     random = [score("random", s) for s in range(2)]
     assert min(expert) > max(random), (expert, random)
+
+
+def test_expert_pauses_before_serving():
+    def first_fire(serve_delay_s: float, seed: int) -> int:
+        game = games.AtariGame("Breakout", seed=seed, fps=30, max_seconds=10)
+        game.reset()
+        player = games.ExpertPlayer(game, seed, lapses_per_s=0.0, serve_delay_s=serve_delay_s)
+        for step in range(game.max_steps):
+            action = player.act(game)
+            if A.ALE_ACTIONS[action] == "FIRE":
+                return step
+            game.step_ale(action)
+        raise AssertionError("never served")
+
+    assert [first_fire(0.0, s) for s in range(3)] == [0, 0, 0]
+    waits = [first_fire(0.5, s) for s in range(3)]
+    assert min(waits) >= 1 and len(set(waits)) > 1 and np.mean(waits) < 3 * 0.5 * 30, waits
 
 
 def test_rerun_skips_complete_episodes(tmp_path):

@@ -9,11 +9,13 @@ import torch
 from typer.testing import CliRunner
 
 from walkthrough import actions as A
-from walkthrough.chunks import ChunkStore
+from walkthrough.chunks import ChunkStore, StoreError
 from walkthrough.cli import app
 from walkthrough.games import AtariGame, ExpertPlayer
 from walkthrough.play import Agent, _grade, evaluate_offline, play, preprocess
-from walkthrough.policy import PRESETS, Policy, PolicyConfig, PolicyDataset
+from walkthrough.idm import IDMConfig, train_idm
+from walkthrough.policy import PRESETS, Policy, PolicyConfig, PolicyDataset, is_pseudo_label
+from walkthrough.train import TrainConfig
 from walkthrough.video import VideoWriter, iter_frames
 
 
@@ -85,7 +87,7 @@ def test_expert_agreement_grades_each_step_against_the_scripted_expert(tmp_path,
     twin = {}
 
     def mimic(self, frame):
-        expert = twin.setdefault("expert", ExpertPlayer(envs[-1], aim_px=0.0, lapses_per_s=0.0))
+        expert = twin.setdefault("expert", ExpertPlayer(envs[-1], aim_px=0.0, lapses_per_s=0.0, serve_delay_s=0.0))
         return A.ale_to_gamepad(expert.act(envs[-1]))
 
     monkeypatch.setattr(play_module, "AtariGame", Watched)
@@ -94,6 +96,27 @@ def test_expert_agreement_grades_each_step_against_the_scripted_expert(tmp_path,
     assert same["expert_agreement"] == 1.0
     assert len(same["expert_agreement_by_action"]) > 1 and set(same["expert_agreement_by_action"].values()) == {1.0}
 
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the stand-in agent samples no chunks: no latency to average
+def test_relabel_writes_the_visited_screens_with_the_experts_actions(tmp_path, monkeypatch):
+    """DAgger data: an idle agent never serves, the expert would serve on every screen it leaves
+    behind; the store keeps what the agent did beside the expert's label, and trains no IDM."""
+    monkeypatch.setattr(Agent, "act", lambda self, frame: A.idle(1)[0])
+    store = tmp_path / "relabel"
+    play(tiny_policy(), "Breakout", episodes=2, out=tmp_path / "play", max_seconds=1.0, videos=0, progress=False,
+         relabel=store)
+    episodes = list(ChunkStore(store))
+    assert [e.video_id for e in episodes] == ["Breakout-relabel-s0000", "Breakout-relabel-s0001"]
+    for e in episodes:
+        assert is_pseudo_label(e) and e.info["player"] == "policy" and e.video is not None
+        assert len(e.actions) == 30 and (e.actions[:, A.BUTTON_INDEX["south"]] == 1).all()  # serve, always
+        assert (e.column("ale_action") == A.ALE_ACTIONS.index("NOOP")).all()  # what the agent did
+        assert sum(1 for _ in iter_frames(e.video)) == 30
+    with pytest.raises(StoreError, match="actions played"):
+        train_idm([store], tmp_path / "idm", IDMConfig(), TrainConfig(steps=1))
+    with pytest.raises(ValueError, match="scripted expert"):
+        play(tiny_policy(), "Pitfall", episodes=1, out=tmp_path / "p", max_seconds=0.5, progress=False, relabel=store)
 
 
 def test_offline_grades_first_action_and_chunk(recorded):

@@ -169,6 +169,7 @@ def play(
     max_seconds: float = typer.Option(300.0, "--max-seconds", help="Cap on each episode's length (game time)."),
     sticky: float = typer.Option(0.0, "--sticky", min=0.0, max=1.0, help="Probability of repeating the previous action."),
     videos: int = typer.Option(1, "--videos", min=0, help="How many of the first episodes to save as mp4."),
+    relabel: Optional[Path] = typer.Option(None, "--relabel", help="Also write each episode to this chunk store, labelled with the scripted expert's action for every screen (DAgger data for train-policy --data)."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights when the run has them."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads; one chunk for one frame is too small to split, so 1 is fastest."),
     device: str = typer.Option("cpu", "--device", help="Where the policy runs: cpu | cuda | cuda:N (large presets need a GPU to act in real time)."),
@@ -193,7 +194,7 @@ def play(
         policy = load_model(ckpt, ema=ema).to(where)
         result = play_games(policy, name[0], episodes, out, replan_every=replan_every,
                             sample_steps=sample_steps, cfg_scale=cfg_scale, seed=seed, max_seconds=max_seconds,
-                            sticky=sticky, videos=videos)
+                            sticky=sticky, videos=videos, relabel=relabel)
     except (ValueError, OSError, VideoError) as e:
         fail(str(e))
     agreement = result["expert_agreement"]

@@ -549,9 +549,10 @@ def train_idm(sources: list[Path] | None, out: Path, model_cfg: IDMConfig | None
     if not sources:
         raise ValueError("no training data: pass --data DATA (a chunk store)")
     store = ChunkStore(sources)
-    episodes = [e for e in store.episodes if e.video is not None]
+    # Labels from a labeler (pseudo-labels, expert relabels) are not the actions that made the next frame.
+    episodes = [e for e in store.episodes if e.video is not None and "labeler" not in e.info]
     if not episodes:
-        raise StoreError(f"{', '.join(map(str, sources))}: no episode has its video file")
+        raise StoreError(f"{', '.join(map(str, sources))}: no episode has both its video file and the actions played")
     train_eps, val_eps = run_split(out, episodes, val_fraction, train_cfg.seed)
     spec = WindowSpec(model_cfg.frames, model_cfg.frames - 1, model_cfg.fps, model_cfg.size, context=1)
     preload = preload_fits(episodes, model_cfg) if preload is None else preload

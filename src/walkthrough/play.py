@@ -28,8 +28,8 @@ from torch.utils.data import default_collate
 
 from walkthrough import actions as A
 from walkthrough import metrics
-from walkthrough.chunks import ChunkStore, write_json_atomic
-from walkthrough.games import EXPERT_GAMES, AtariGame, ExpertPlayer
+from walkthrough.chunks import ChunkStore, episode_exists, video_path, write_episode, write_json_atomic
+from walkthrough.games import EXPERT_GAMES, FRAME_SHAPE, AtariGame, ExpertPlayer
 from walkthrough.policy import Policy, PolicyDataset, to_flow
 from walkthrough.train import check_device, load_model, read_run_config
 from walkthrough.video import VideoWriter
@@ -84,13 +84,24 @@ class Agent:
 
 def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int = 8,
          sample_steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0, max_seconds: float = 300.0,
-         sticky: float = 0.0, videos: int = 1, progress: bool = True) -> dict:
-    """Play ``episodes`` episodes of ``game`` (episode i seeded ``seed + i``); write and return the scores."""
+         sticky: float = 0.0, videos: int = 1, progress: bool = True, relabel: Path | None = None) -> dict:
+    """Play ``episodes`` episodes of ``game`` (episode i seeded ``seed + i``); write and return the scores.
+
+    ``relabel``: also write every episode into this chunk store, each screen the policy saw with the
+    action the scripted expert would have taken there (DAgger's data: the states the policy visits,
+    which expert recordings lack, labelled by the expert). Such episodes name their labeler, so
+    ``train-policy`` trains on them as it does on pseudo-labels and ``train-idm`` leaves them out
+    (their actions did not make the next frame).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     env = AtariGame(game, seed=seed, fps=policy.config.fps, sticky=sticky, max_seconds=max_seconds)
     agent = Agent(policy, game, replan_every, sample_steps, cfg_scale, seed)
     graded = game in EXPERT_GAMES  # a scripted expert can judge each step
+    if relabel is not None and not graded:
+        raise ValueError(f"--relabel needs a scripted expert; {game} has none (games with one: {', '.join(EXPERT_GAMES)})")
+    if relabel is not None:
+        video_path(relabel, "_").parent.mkdir(parents=True, exist_ok=True)
     runs, wanted, agreed_on = [], Counter(), Counter()  # per ALE action the expert wanted
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress) as bar, torch.inference_mode():
@@ -98,22 +109,37 @@ def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int 
         for i in range(episodes):
             frame, done, score, agreed = env.reset(seed + i), False, 0.0, 0
             agent.reset()
-            judge = ExpertPlayer(env, aim_px=0.0, lapses_per_s=0.0) if graded else None
+            judge = ExpertPlayer(env, aim_px=0.0, lapses_per_s=0.0, serve_delay_s=0.0) if graded else None
             recording = VideoWriter(out / f"{game}_ep{i}.mp4", policy.config.fps) if i < videos else None
-            with recording or contextlib.nullcontext():
+            video_id = f"{game}-relabel-s{seed + i:04d}"
+            relabelled = (VideoWriter(video_path(relabel, video_id), policy.config.fps)
+                          if relabel is not None and not episode_exists(relabel, video_id) else None)
+            experts, applied = [], []  # per step: the expert's ALE action, the agent's
+            with recording or contextlib.nullcontext(), relabelled or contextlib.nullcontext():
                 while not done:
-                    if recording is not None:
-                        recording.write(frame)
+                    for video in (recording, relabelled):
+                        if video is not None:
+                            video.write(frame)
                     action = A.gamepad_to_ale(agent.act(frame), env.minimal_actions)
                     if judge is not None:
                         expert = judge.act(env)
                         wanted[A.ALE_ACTIONS[expert]] += 1
                         agreed_on[A.ALE_ACTIONS[expert]] += action == expert
                         agreed += action == expert
+                        experts.append(expert)
                     frame, reward, done = env.step_ale(action)
+                    applied.append(env.applied)
                     score += reward
                     if env.steps % int(policy.config.fps) == 0:
                         bar.update(task, description=f"{game} ep {i} t={env.steps / env.fps:.0f}s score {score:g}")
+            if relabelled is not None:
+                info = {"source": "ale", "player": "policy", "labeler": "scripted expert (DAgger relabel)",
+                        "seed": seed + i, "score": score, "frames": env.steps, "fps": env.fps,
+                        "sticky": sticky, "frameskip": env.frameskip, "max_seconds": max_seconds,
+                        "truncated": env.truncated}
+                write_episode(relabel, video_id, np.stack([A.ale_to_gamepad(a) for a in experts]), fps=env.fps,
+                              game=game, resolution=FRAME_SHAPE[:2], info=info, source="ale",
+                              extra_columns={"ale_action": np.asarray(applied, dtype=np.int64)})
             runs.append({"seed": seed + i, "score": score, "steps": env.steps, "truncated": env.truncated,
                          "expert_agreement": agreed / env.steps if graded else None})
             bar.update(task, advance=1, description=f"{game} ep {i} score {score:g}")
