@@ -7,6 +7,7 @@
 #
 #   OUT=out bash experiments/gpu_breakout.sh
 #   OUT=out VARIANTS="plain context2" TRAIN_MINUTES=6 DEADLINE=560 SKIP_BENCH=1 bash experiments/gpu_breakout.sh
+#   OUT=out VARIANTS=plain TRAIN_MINUTES=4 DAGGER_MINUTES=2 SKIP_BENCH=1 bash experiments/gpu_breakout.sh  # + DAgger
 #
 # Expects chunk stores in DATA (default .devdata/expert_breakout and .devdata/breakout_more, from
 # `walkthrough record --game Breakout --player expert`, seeds 0 and 1000) and, where the machine's
@@ -28,6 +29,8 @@ DATA=${DATA:-.devdata/expert_breakout .devdata/breakout_more}  # chunk stores to
 EPISODES=${EPISODES:-10}  # played per run
 SKIP_BENCH=${SKIP_BENCH:-}  # non-empty: no benchmarks
 EVAL_EVERY=${EVAL_EVERY:-1000}
+DAGGER_MINUTES=${DAGGER_MINUTES:-}  # non-empty: after play, one DAgger round per run (play --relabel, then train on)
+ROLLOUTS=${ROLLOUTS:-16}  # episodes per run relabelled for DAgger
 TMP=${WORK:-$(mktemp -d)}  # runs and plays
 mkdir -p "$TMP"
 # the CPU recipe; with augmentation; with the previous frame too (the ball's direction)
@@ -78,20 +81,28 @@ for name in "${!RUNS[@]}"; do
     mkdir -p "$OUT/$name"; cp $TMP/$name/config.json $TMP/$name/ema.safetensors $TMP/$name/metrics.jsonl "$OUT/$name/"
 done
 
-echo "== play: $EPISODES episodes per run, one process each, K = 4, re-plan every 8"
-for name in "${!RUNS[@]}"; do
-    for i in $(seq 0 $((EPISODES - 1))); do
-        timeout $(( $(left) - 40 )) bash -c "wt play --ckpt $TMP/$name --game Breakout --episodes 1 --seed $i \
-            --sample-steps 4 --max-seconds $PLAY_SECONDS --videos 0 --out $TMP/play_$name/s$i" \
-            > $TMP/play_$name.$i.log 2>&1 &
+# play_runs FIRST_SEED COUNT RELABEL RUN...: each run plays COUNT Breakout episodes, one process each;
+# RELABEL=1 also writes them to $TMP/dagger_RUN, labelled by the scripted expert
+play_runs() {
+    local first=$1 count=$2 relabel=$3 extra; shift 3
+    for name in "$@"; do
+        extra=""; [ "$relabel" = 1 ] && extra="--relabel $TMP/dagger_$name"
+        for i in $(seq 0 $((count - 1))); do
+            timeout $(( $(left) - 40 )) bash -c "wt play --ckpt $TMP/$name --game Breakout --episodes 1 \
+                --seed $((first + i)) --sample-steps 4 --max-seconds $PLAY_SECONDS --videos 0 $extra \
+                --out $TMP/play_$name/s$((first + i))" > $TMP/play_$name.$i.log 2>&1 &
+        done
     done
-done
-wait
-$PY - "$TMP" "$OUT/play.json" "${!RUNS[@]}" <<'PYTHON'
+    wait
+}
+# summarise RUN...: their scores, merged into $OUT/play.json
+summarise() {
+$PY - "$TMP" "$OUT/play.json" "$@" <<'PYTHON'
 import json, sys
 from pathlib import Path
 import numpy as np
-summary = {}
+out = Path(sys.argv[2])
+summary = json.loads(out.read_text()) if out.exists() else {}
 for name in sys.argv[3:]:
     runs = [json.loads(p.read_text()) for p in sorted(Path(sys.argv[1], f"play_{name}").glob("s*/scores.json"))]
     episodes = [e for r in runs for e in r["episodes"]]
@@ -100,9 +111,35 @@ for name in sys.argv[3:]:
                      "std": float(scores.std()) if len(scores) else None,
                      "chunk_latency_ms": [r["chunk_latency_ms"] for r in runs]}
     print(f"{name}: Breakout {summary[name]['mean']} +- {summary[name]['std']} over {len(scores)} episodes")
-Path(sys.argv[2]).write_text(json.dumps(summary, indent=1))
+out.write_text(json.dumps(summary, indent=1))
 PYTHON
+}
+
+echo "== play: $EPISODES episodes per run, one process each, K = 4, re-plan every 8"
+play_runs 0 "$EPISODES" 0 "${!RUNS[@]}"
+summarise "${!RUNS[@]}"
 echo "play done at ${SECONDS}s"
+
+if [ -n "$DAGGER_MINUTES" ]; then
+    echo "== DAgger: $ROLLOUTS episodes per run (seeds 100 on) relabelled by the expert, then $DAGGER_MINUTES min more on them + DATA"
+    for name in "${!RUNS[@]}"; do rm -rf $TMP/play_$name; done  # the rollouts' scores are not the evaluation's
+    play_runs 100 "$ROLLOUTS" 1 "${!RUNS[@]}"
+    for name in "${!RUNS[@]}"; do
+        timeout $(( $(left) - 60 )) bash -c "wt train-policy $(printf -- '--data %s ' $DATA) --data $TMP/dagger_$name \
+            --init-from $TMP/$name --out $TMP/$name-dagger --preset $PRESET --batch-size $BATCH --lr 3e-4 --warmup-steps 50 \
+            --no-bf16 --steps 100000 --budget-minutes $DAGGER_MINUTES --eval-every $EVAL_EVERY --ckpt-every $EVAL_EVERY \
+            --log-every 100 --num-workers $WORKERS ${RUNS[$name]%%--init-from*}" > $TMP/$name-dagger.log 2>&1 &
+    done
+    wait
+    DAGGER_RUNS=$(for name in "${!RUNS[@]}"; do echo $name-dagger; done)
+    for name in $DAGGER_RUNS; do
+        echo "-- $name, done at ${SECONDS}s"; tail -n 5 $TMP/$name.log; grep '"val"' $TMP/$name/metrics.jsonl
+        mkdir -p "$OUT/$name"; cp $TMP/$name/config.json $TMP/$name/ema.safetensors $TMP/$name/metrics.jsonl "$OUT/$name/"
+    done
+    play_runs 0 "$EPISODES" 0 $DAGGER_RUNS
+    summarise $DAGGER_RUNS
+    echo "DAgger done at ${SECONDS}s"
+fi
 
 echo "== bench_train"
 [ -z "$SKIP_BENCH" ] && [ "$(left)" -gt 25 ] && timeout $(( $(left) - 15 )) $PY benchmarks/bench_train.py --steps 8 --rounds 2 $BENCH_TRAIN_ARGS

@@ -155,9 +155,10 @@ def test_cli_trains_plays_and_grades(recorded, tmp_path):
                                  "--num-workers", "0", "--sample-steps", "2"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["play", "--ckpt", str(run), "--game", "breakout", "--episodes", "1",
-                                 "--max-seconds", "1", "--out", str(out)])
+                                 "--max-seconds", "1", "--out", str(out), "--relabel", str(tmp_path / "dagger")])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "scores.json").read_text())["episodes"][0]["steps"] == 30
+    assert [len(e.actions) for e in ChunkStore(tmp_path / "dagger")] == [30]
     assert (out / "Breakout_ep0.mp4").exists()
     result = runner.invoke(app, ["eval-policy", "--ckpt", str(run), "--data", str(recorded), "--max-windows", "8",
                                  "--out", str(tmp_path / "eval.json")])
