@@ -454,7 +454,8 @@ class Source:
 
 
 def is_pseudo_label(episode: Episode) -> bool:
-    """Pseudo-label episodes name the labeler that made them (see ``walkthrough.label``)."""
+    """Episodes labelled by something other than the player name their labeler: the IDM's pseudo-labels
+    (``walkthrough.label``) and the scripted expert's DAgger labels (``play --relabel``)."""
     return "labeler" in episode.info
 
 
