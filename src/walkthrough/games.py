@@ -401,19 +401,27 @@ def record(out: Path, games: list[str], player: str, episodes: int, fps: float =
                 with VideoWriter(chunks.video_path(out, video_id), fps) as video:
                     applied, rewards = play_episode(game, agent, video.write, show)
                 score = float(rewards.sum())
-                info = {
-                    "source": "ale", "player": player, "seed": episode_seed, "score": score,
-                    "frames": int(len(applied)), "fps": float(fps), "sticky": float(sticky),
-                    "frameskip": game.frameskip, "max_seconds": float(max_seconds),
-                    "truncated": game.truncated, "ale_version": ale_py.__version__,
-                }
-                actions = np.stack([ale_to_gamepad(a) for a in applied])  # (N, 21) float32
-                chunks.write_episode(out, video_id, actions, fps=fps, game=name,
-                                     resolution=FRAME_SHAPE[:2], info=info, source="ale",
-                                     extra_columns={"ale_action": applied, "reward": rewards})
+                info = write_played_episode(out, video_id, game, applied, {"player": player, "score": score},
+                                            {"ale_action": applied, "reward": rewards})
                 results.append({"video_id": video_id, "game": name, "skipped": False, **info})
                 bar.update(task, advance=1, description=f"{video_id} score {score:g}")
     return results
+
+
+def write_played_episode(out: Path, video_id: str, game: AtariGame, labels: np.ndarray, info: dict,
+                         extra_columns: dict[str, np.ndarray]) -> dict:
+    """Write the actions of the episode just played in ``game`` (its video written already) into the
+    chunk store ``out``: ``labels`` (N,) ALE ids, one per frame; ``info`` plus the game's settings go
+    to the metadata, which is returned."""
+    from walkthrough import chunks
+
+    info = {"source": "ale", **info, "seed": game.seed, "frames": int(len(labels)), "fps": float(game.fps),
+            "sticky": float(game.sticky), "frameskip": game.frameskip, "max_seconds": float(game.max_seconds),
+            "truncated": game.truncated, "ale_version": ale_py.__version__}
+    actions = np.stack([ale_to_gamepad(a) for a in labels])  # (N, 21) float32
+    chunks.write_episode(out, video_id, actions, fps=game.fps, game=game.name, resolution=FRAME_SHAPE[:2],
+                         info=info, source="ale", extra_columns=extra_columns)
+    return info
 
 
 def replay(game: str, seed: int, fps: float, actions: np.ndarray) -> Iterator[np.ndarray]:

@@ -28,8 +28,8 @@ from torch.utils.data import default_collate
 
 from walkthrough import actions as A
 from walkthrough import metrics
-from walkthrough.chunks import ChunkStore, episode_exists, video_path, write_episode, write_json_atomic
-from walkthrough.games import EXPERT_GAMES, FRAME_SHAPE, AtariGame, ExpertPlayer
+from walkthrough.chunks import ChunkStore, episode_exists, video_path, write_json_atomic
+from walkthrough.games import EXPERT_GAMES, AtariGame, ExpertPlayer, write_played_episode
 from walkthrough.policy import Policy, PolicyDataset, to_flow
 from walkthrough.train import check_device, load_model, read_run_config
 from walkthrough.video import VideoWriter
@@ -98,9 +98,9 @@ def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int 
     env = AtariGame(game, seed=seed, fps=policy.config.fps, sticky=sticky, max_seconds=max_seconds)
     agent = Agent(policy, game, replan_every, sample_steps, cfg_scale, seed)
     graded = game in EXPERT_GAMES  # a scripted expert can judge each step
-    if relabel is not None and not graded:
-        raise ValueError(f"--relabel needs a scripted expert; {game} has none (games with one: {', '.join(EXPERT_GAMES)})")
     if relabel is not None:
+        if not graded:
+            raise ValueError(f"--relabel needs a scripted expert; {game} has none (games with one: {', '.join(EXPERT_GAMES)})")
         video_path(relabel, "_").parent.mkdir(parents=True, exist_ok=True)
     runs, wanted, agreed_on = [], Counter(), Counter()  # per ALE action the expert wanted
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -133,13 +133,9 @@ def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int 
                     if env.steps % int(policy.config.fps) == 0:
                         bar.update(task, description=f"{game} ep {i} t={env.steps / env.fps:.0f}s score {score:g}")
             if relabelled is not None:
-                info = {"source": "ale", "player": "policy", "labeler": "scripted expert (DAgger relabel)",
-                        "seed": seed + i, "score": score, "frames": env.steps, "fps": env.fps,
-                        "sticky": sticky, "frameskip": env.frameskip, "max_seconds": max_seconds,
-                        "truncated": env.truncated}
-                write_episode(relabel, video_id, np.stack([A.ale_to_gamepad(a) for a in experts]), fps=env.fps,
-                              game=game, resolution=FRAME_SHAPE[:2], info=info, source="ale",
-                              extra_columns={"ale_action": np.asarray(applied, dtype=np.int64)})
+                write_played_episode(relabel, video_id, env, np.asarray(experts),
+                                     {"player": "policy", "labeler": "scripted expert (DAgger relabel)", "score": score},
+                                     {"ale_action": np.asarray(applied, dtype=np.int64)})
             runs.append({"seed": seed + i, "score": score, "steps": env.steps, "truncated": env.truncated,
                          "expert_agreement": agreed / env.steps if graded else None})
             bar.update(task, advance=1, description=f"{game} ep {i} score {score:g}")
