@@ -168,6 +168,22 @@ def test_a_run_starts_from_an_earlier_runs_weights_when_the_architecture_matches
                      vision_pretrained=tmp_path)
 
 
+def test_a_run_started_from_an_earlier_one_learns_a_new_game_from_the_null_games_embedding(recorded, tmp_path):
+    from walkthrough import games
+
+    breakout = tmp_path / "breakout"
+    games.record(breakout, ["Breakout"], player="expert", episodes=2, fps=30, seed=0, max_seconds=3, progress=False)
+    first = train_policy([Source(breakout)], tmp_path / "first", config(), quick_train(), eval_windows=8)
+    assert load_model(first).config.games == ["Breakout"]
+    second = train_policy([Source(recorded)], tmp_path / "second", config(), quick_train(lr=0.0, ema_decay=0.0),
+                          eval_windows=8, init_from=first)
+    start, grown = load_model(first), load_model(second)
+    assert grown.config.games == ["Breakout", "Pong"]  # the earlier ids kept, the new game appended
+    table, before = grown.game_embed.weight, start.game_embed.weight  # (1 + games, D)
+    torch.testing.assert_close(table[:2], before, rtol=0, atol=0)
+    torch.testing.assert_close(table[grown.config.game_id("Pong")], before[NULL_GAME], rtol=0, atol=0)
+
+
 def test_standardized_tokens_are_centred_on_the_data_they_were_measured_on():
     torch.manual_seed(0)
     cfg = config()

@@ -105,7 +105,7 @@ def train_policy(
     sample_steps: int = typer.Option(16, "--sample-steps", min=1, help="Euler steps when sampling (validation and play default)."),
     vision_pretrained: Optional[Path] = typer.Option(None, "--vision-pretrained", help="Local directory of a SigLIP 2 saved with save_pretrained."),
     freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Keep the vision encoder's weights fixed."),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of an earlier policy run (same architecture; a new optimizer and schedule)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of an earlier policy run (same architecture; a new optimizer and schedule; games it has not seen are added)."),
     standardize_tokens: Optional[bool] = typer.Option(None, "--standardize-tokens/--raw-tokens", help="BatchNorm over the image tokens before the DiT (default: the preset's; on for cpu and test)."),
     game_dropout: float = typer.Option(0.1, "--game-dropout", min=0.0, max=1.0, help="Probability of hiding the game id (trains the CFG unconditional)."),
     no_confidence_weighting: bool = typer.Option(False, "--no-confidence-weighting", help="Weight pseudo-label steps 1 instead of by their confidence."),
@@ -201,6 +201,55 @@ def play(
     console.print(f"[bold]{result['game']}[/]: {result['mean']:g} +- {result['std']:g} over {episodes} episodes"
                   + (f", agreement with the expert {agreement:.3f}" if agreement is not None else "")
                   + f" ({result['chunk_latency_ms']:.1f} ms per chunk) -> {out / 'scores.json'}")
+
+
+@app.command()
+def dagger(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Policy run to start from (from train-policy)."),
+    game: str = typer.Option(..., "--game", help="ALE game with a scripted expert (Breakout, Pong, Freeway)."),
+    data: list[str] = typer.Option(..., "--data", help="Expert data trained on every round, as PATH or PATH:WEIGHT (as train-policy)."),
+    out: Path = typer.Option(..., "--out", help="Directory for every round's rollouts, data, run and evaluation, and dagger.json."),
+    rounds: int = typer.Option(3, "--rounds", min=1),
+    rollouts: int = typer.Option(16, "--rollouts", min=1, help="Episodes played and relabelled by the expert per round."),
+    eval_episodes: int = typer.Option(10, "--eval-episodes", min=0, help="Episodes (seeds 0..) scoring each round's policy; 0 skips."),
+    max_seconds: float = typer.Option(180.0, "--max-seconds", help="Cap on each episode's length (game time)."),
+    replan_every: int = typer.Option(8, "--replan-every", min=1),
+    sample_steps: Optional[int] = typer.Option(None, "--sample-steps", min=1, help="Euler steps per chunk (default: the run's)."),
+    rollout_seed: int = typer.Option(1000, "--rollout-seed", help="Round R's rollouts use seeds from rollout-seed + (R-1) x rollouts."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps per round (default: the start run's)."),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Training time per round (default: the start run's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of each round (default: the start run's; lower suits fine-tuning, e.g. 3e-4)."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", min=0),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0),
+    device: str = typer.Option("cpu", "--device", help="Where the policy plays: cpu | cuda | cuda:N (training takes a GPU when there is one)."),
+) -> None:
+    """DAgger: the policy plays, the scripted expert labels every screen it saw, training goes on from
+    its weights on the expert data plus all relabelled rounds; repeated. Each round is scored on the
+    same seeds; a killed run resumes where it stopped. Training settings not given are the start run's.
+
+    Example: `walkthrough dagger --ckpt RUN --game Breakout --data DATA --rounds 3 --budget-minutes 20 --lr 3e-4 --out DAGGER`
+    """
+    from walkthrough import dagger as dagger_rounds
+    from walkthrough.policy import Source
+    from walkthrough.train import TrainConfig, read_run_config
+    from walkthrough.video import VideoError
+
+    changes = {k: v for k, v in dict(steps=steps, budget_minutes=budget_minutes, batch_size=batch_size, lr=lr,
+                                     warmup_steps=warmup_steps, num_workers=num_workers).items() if v is not None}
+    try:
+        train_cfg = replace(TrainConfig.from_dict(read_run_config(ckpt)["train"]), max_minutes=None, **changes)
+        cfg = dagger_rounds.DaggerConfig(game=game, rounds=rounds, rollouts=rollouts, rollout_seed=rollout_seed,
+                                         eval_episodes=eval_episodes, max_seconds=max_seconds,
+                                         replan_every=replan_every, sample_steps=sample_steps)
+        summary = dagger_rounds.dagger(ckpt, [Source.parse(d) for d in data], out, cfg, train_cfg, device=device)
+    except (ValueError, OSError, VideoError) as e:
+        fail(str(e))
+    for r in summary["rounds"]:
+        score = r["eval"]
+        console.print(f"round {r['round']}: " + (f"{score['mean']:g} +- {score['std']:g}, agreement with the expert "
+                                                  f"{score['expert_agreement']:.3f}" if score else "not evaluated"))
+    console.print(f"-> {out / 'dagger.json'}")
 
 
 @app.command("eval-policy")

@@ -145,6 +145,7 @@ def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int 
         "mean": float(scores.mean()), "std": float(scores.std()),
         "expert_agreement": float(np.mean([r["expert_agreement"] for r in runs])) if graded else None,
         "expert_agreement_by_action": {name: agreed_on[name] / n for name, n in sorted(wanted.items())},
+        "expert_actions": dict(sorted(wanted.items())),  # steps at which the expert wanted each action
         "replan_every": replan_every, "sample_steps": sample_steps or policy.config.sample_steps,
         "cfg_scale": cfg_scale, "sticky": sticky, "max_seconds": max_seconds,
         "chunk_latency_ms": 1000 * float(np.mean(agent.latencies)),

@@ -410,8 +410,10 @@ TRAINING_ONLY = ("games", "sample_steps", "game_dropout", "noise_samples", "beta
 
 def initialised_from(run_dir: Path | str, config: PolicyConfig) -> Policy:
     """A policy for ``config`` that starts from the weights (EMA where kept) of the policy run in
-    ``run_dir``: to train on with new data or a new budget, e.g. across GPU leases. The architecture
-    must be the same; the game vocabulary becomes the earlier run's, which must hold every game of ``config``.
+    ``run_dir``: to train on with new data or a new budget (e.g. across GPU leases), or on a new game.
+    The architecture must be the same. The game vocabulary is the earlier run's, its ids kept, with the
+    games of ``config`` it lacks appended; each new game's embedding starts as the null game's, so a new
+    game is first played as the earlier policy played an unnamed one.
     """
     earlier = load_model(Path(run_dir))
     if not isinstance(earlier, Policy):
@@ -420,12 +422,12 @@ def initialised_from(run_dir: Path | str, config: PolicyConfig) -> Policy:
     differ = [f"{k}: {before[k]} -> {now[k]}" for k in now if k not in TRAINING_ONLY and before[k] != now[k]]
     if differ:
         raise ValueError(f"{run_dir}: a policy of another architecture ({'; '.join(differ)})")
-    unknown = sorted(set(config.games) - set(earlier.config.games))
-    if unknown:
-        raise ValueError(f"{run_dir}: its policy knows no {', '.join(unknown)} (its games: "
-                         f"{', '.join(earlier.config.games)})")
-    policy = Policy(replace(config, games=earlier.config.games))
-    policy.load_state_dict(earlier.state_dict())
+    new_games = sorted(set(config.games) - set(earlier.config.games))
+    policy = Policy(replace(config, games=earlier.config.games + new_games))
+    weights = earlier.state_dict()
+    known = weights["game_embed.weight"]  # (1 + known games, D)
+    weights["game_embed.weight"] = torch.cat([known, known[NULL_GAME].expand(len(new_games), -1)])
+    policy.load_state_dict(weights)
     return policy
 
 
@@ -513,7 +515,7 @@ def train_policy(sources: list[Source], out: Path, config: PolicyConfig, train_c
 
     Validation (loss, and the offline action metrics of ``play.evaluate_offline``) runs on held-out
     ground-truth episodes only: pseudo-labels all go to training. The game vocabulary is every game
-    in the data, or the vocabulary of the run ``init_from`` whose weights it starts from.
+    in the data; with ``init_from``, that run's vocabulary, extended by the data's new games.
     """
     from walkthrough.play import evaluate_offline  # play imports this module
 

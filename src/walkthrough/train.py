@@ -95,6 +95,20 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def run_progress(cfg: TrainConfig, step: int, train_seconds: float) -> float:
+    """How far a run is along: the larger share of its step budget and its time budget; 1 ends it."""
+    budget = cfg.budget_minutes * 60 if cfg.budget_minutes else math.inf
+    return max(step / cfg.steps, train_seconds / budget)
+
+
+def run_finished(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` has a checkpoint and trained to its end."""
+    if not (Path(run_dir) / CONFIG_FILE).exists():
+        return False
+    saved = read_run_config(run_dir)
+    return run_progress(TrainConfig.from_dict(saved["train"]), saved["step"], saved["train_seconds"]) >= 1.0
+
+
 # Fields that may change when a run is resumed: they do not touch the optimisation itself.
 RESUMABLE_CHANGES = ("max_minutes", "num_workers", "log_every", "eval_every", "ckpt_every", "eval_samples",
                      "batchnorm_samples")
@@ -487,8 +501,7 @@ def train(model: nn.Module, train_cfg: TrainConfig, train_set: Dataset, val_set:
 
     clock = time.process_time if cfg.clock == "cpu" else time.perf_counter
     session_start = time.perf_counter()
-    budget = cfg.budget_minutes * 60 if cfg.budget_minutes else math.inf
-    progress = max(step / cfg.steps, train_seconds / budget)
+    progress = run_progress(cfg, step, train_seconds)
     finished = progress >= 1.0
     log = RunLog(out, env.main, progress, step)
     model.train()
@@ -505,7 +518,7 @@ def train(model: nn.Module, train_cfg: TrainConfig, train_set: Dataset, val_set:
         # Validation and checkpoints do not count as training time: the budget buys steps.
         seconds, session = env.share([clock() - t0, time.perf_counter() - session_start])
         train_seconds += seconds
-        progress = max(step / cfg.steps, train_seconds / budget)
+        progress = run_progress(cfg, step, train_seconds)
         finished = progress >= 1.0
         log.step(step, progress, windows * env.world, seconds,
                  {**metrics, "lr": lr, "grad_norm": float(grad_norm)}, every=cfg.log_every)
