@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from walkthrough.cli import app
 
 runner = CliRunner()
-COMMANDS = ["record", "info", "train-idm", "eval-idm", "label", "train-policy", "play", "eval-policy", "demo"]
+COMMANDS = ["record", "info", "train-idm", "eval-idm", "label", "train-policy", "play", "dagger", "eval-policy", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -24,6 +24,7 @@ def test_help_has_an_example(command):
     (["train-policy", "--data", "DEEP/MISSING", "--out", "DEEP/RUN"], "MISSING"),
     (["play", "--ckpt", "DEEP/NO_RUN", "--out", "DEEP/PLAY"], "NO_RUN"),
     (["play", "--ckpt", "DEEP/NO_RUN", "--out", "DEEP/PLAY", "--device", "tpu:9"], "tpu:9"),
+    (["dagger", "--ckpt", "DEEP/NO_RUN", "--game", "Breakout", "--data", "DEEP", "--out", "DEEP/OUT"], "NO_RUN"),
     (["eval-policy", "--ckpt", "DEEP/NO_RUN", "--data", "DEEP", "--device", "tpu:9"], "tpu:9"),
     (["label", "--ckpt", "DEEP/NO_RUN", "DEEP", "--out", "DEEP/LABELS", "--device", "tpu:9"], "tpu:9"),
 ])
