@@ -45,3 +45,9 @@ def test_gpu_lease_script_trains_plays_and_collects_its_results(recorded, tmp_pa
     assert json.loads((out / "plain-dagger" / "config.json").read_text())["data"]["init_from"].endswith("plain")
     assert {p.name for p in (out / "plain").iterdir()} == {"config.json", "ema.safetensors", "metrics.jsonl"}
     assert "plain: Breakout" in (out / "log.txt").read_text()
+
+
+def test_baseline_agreement_grades_the_expert_above_the_random_player(capsys):
+    result = load("baseline_agreement").main(["--game", "Pong", "--episodes", "1", "--max-seconds", "4"])
+    assert result["expert"]["expert_agreement"] > result["random"]["expert_agreement"]
+    assert '"game": "Pong"' in capsys.readouterr().out
