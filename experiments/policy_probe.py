@@ -9,6 +9,7 @@ classify the first action of each window as none / left / right / fire from its 
                                                                       #   (+ token standardisation),
                                                                       #   attention-pooled, + linear
     python experiments/policy_probe.py --data DATA --encoder policy --raw-tokens   # without it
+    python experiments/policy_probe.py --data DATA --encoder cnn --context-frames 2   # this frame and the last
 Prints held-out accuracy and left / right F1 every 100 steps (``--eval-every``), beside the majority class's accuracy.
 Results and commands: docs/policy.md ("Why it does not learn").
 """
@@ -43,9 +44,9 @@ def first_action_class(actions: Tensor) -> Tensor:
     return out
 
 
-def cnn(image_size: int) -> nn.Module:
-    """Three conv + ReLU + max-pool /2 stages, flattened into an MLP: (B, 3, H, W) [-1, 1] -> (B, 4)."""
-    layers, c_in = [], 3
+def cnn(image_size: int, frames: int = 1) -> nn.Module:
+    """Three conv + ReLU + max-pool /2 stages, flattened into an MLP: (B, 3F, H, W) [-1, 1] -> (B, 4)."""
+    layers, c_in = [], 3 * frames
     for c in (16, 32, 32):
         layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1)]
         c_in = c
@@ -70,7 +71,7 @@ class PolicyEncoderProbe(nn.Module):
 
 def batch(dataset: PolicyDataset, indices) -> tuple[Tensor, Tensor]:
     items = [dataset[int(i)] for i in indices]
-    frames = torch.stack([item["frames"] for item in items])  # (B, 1, 3, H, W) uint8
+    frames = torch.stack([item["frames"] for item in items])  # (B, F, 3, H, W) uint8
     return frames, first_action_class(torch.stack([item["actions"][0] for item in items]))
 
 
@@ -84,9 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="the policy input and encoder")
     parser.add_argument("--raw-tokens", action="store_true", help="turn the preset's token standardisation off")
+    parser.add_argument("--context-frames", type=int, default=1, help="frames up to now (2 show the ball's motion)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    config = PolicyConfig(**PRESETS[args.preset])
+    config = PolicyConfig(**PRESETS[args.preset], context_frames=args.context_frames)
     if args.raw_tokens:
         config = replace(config, standardize_tokens=False)
     fit, held = split_episodes(list(ChunkStore(args.data)), 0.15)
@@ -96,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     majority = np.bincount(held_truth.numpy(), minlength=4).max() / len(held_truth)
 
     if args.encoder == "cnn":
-        net = cnn(config.image_size)
-        model = lambda frames: net(frames[:, 0].float() / 127.5 - 1.0)  # noqa: E731
+        net = cnn(config.image_size, config.context_frames)
+        model = lambda frames: net(frames.flatten(1, 2).float() / 127.5 - 1.0)  # noqa: E731
     else:
         net = PolicyEncoderProbe(config)
         model = net
