@@ -14,7 +14,7 @@ Layout of ``--out``, one folder per round; a killed run resumes where it stopped
     roundR/data/                     ...relabelled by the expert: a chunk store
     roundR/run/                      training from round R-1's weights on the expert data + data of rounds 1..R
     roundR/play/scores.json          the round's policy, evaluated on the same seeds as round 0
-    dagger.json                      one line per round: scores, agreement with the expert, new data
+    dagger.json                      an entry per round: scores, agreement with the expert, new data
 """
 
 from __future__ import annotations
