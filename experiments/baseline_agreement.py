@@ -21,7 +21,7 @@ def grade(player_cls, game: str, episodes: int, max_seconds: float, fps: float =
         env = AtariGame(game, seed=seed, fps=fps, max_seconds=max_seconds)
         env.reset(seed)
         player = player_cls(env, seed=seed)
-        judge = ExpertPlayer(env, aim_px=0.0, lapses_per_s=0.0, serve_delay_s=0.0)
+        judge = ExpertPlayer.judge(env)
         done, score, agreed = False, 0.0, 0
         while not done:
             action, expert = player.act(env), judge.act(env)

@@ -243,6 +243,12 @@ class ExpertPlayer:
     _lapse: tuple[int, int] = field(init=False, default=(0, 0))  # (steps left, action)
     _serve_wait: int | None = field(init=False, default=None)  # steps left before serving; None: not waiting
 
+    @classmethod
+    def judge(cls, game: AtariGame) -> "ExpertPlayer":
+        """The noise-free expert that grades a player's steps (``play``'s agreement, DAgger's labels):
+        no aim noise, no lapses, serving at once."""
+        return cls(game, aim_px=0.0, lapses_per_s=0.0, serve_delay_s=0.0)
+
     def __post_init__(self) -> None:
         require_experts([self.game.name])
         self._policy = EXPERT_POLICIES[self.game.name]

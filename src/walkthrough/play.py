@@ -109,7 +109,7 @@ def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int 
         for i in range(episodes):
             frame, done, score, agreed = env.reset(seed + i), False, 0.0, 0
             agent.reset()
-            judge = ExpertPlayer(env, aim_px=0.0, lapses_per_s=0.0, serve_delay_s=0.0) if graded else None
+            judge = ExpertPlayer.judge(env) if graded else None
             recording = VideoWriter(out / f"{game}_ep{i}.mp4", policy.config.fps) if i < videos else None
             video_id = f"{game}-relabel-s{seed + i:04d}"
             relabelled = (VideoWriter(video_path(relabel, video_id), policy.config.fps)
