@@ -168,6 +168,26 @@ def test_a_run_starts_from_an_earlier_runs_weights_when_the_architecture_matches
                      vision_pretrained=tmp_path)
 
 
+def test_a_run_grown_to_more_context_frames_acts_as_the_earlier_one_on_a_still_screen(recorded, tmp_path):
+    first = train_policy([Source(recorded)], tmp_path / "first", config(), quick_train(), eval_windows=8)
+    second = train_policy([Source(recorded)], tmp_path / "second", config(context_frames=3),
+                          quick_train(lr=0.0, ema_decay=0.0), eval_windows=8, init_from=first)
+    start, grown = load_model(first), load_model(second)
+    assert grown.config.context_frames == 3
+    frames = toy_batch(start.config, batch=3)["frames"]  # (B, 1, 3, H, W)
+    game = torch.tensor([1, 2, 1])
+    before = start.sample(frames, game, generator=torch.Generator().manual_seed(0))
+    after = grown.sample(frames.expand(-1, 3, -1, -1, -1), game, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-3)  # float rounding only
+    grown2 = train_policy([Source(recorded)], tmp_path / "third", config(context_frames=2),
+                          quick_train(steps=20, lr=1e-2), eval_windows=8, init_from=first)
+    trained = load_model(grown2, ema=False)
+    older, now = trained.frame_pos[0], trained.frame_pos[1]
+    assert not torch.equal(older, now)  # the frames' differences tell them apart, though they start alike
+    with pytest.raises(ValueError, match="another architecture .*context_frames: 3 -> 1"):
+        train_policy([Source(recorded)], tmp_path / "fourth", config(), quick_train(), init_from=second)
+
+
 def test_a_run_started_from_an_earlier_one_learns_a_new_game_from_the_null_games_embedding(recorded, tmp_path):
     from walkthrough import games
 

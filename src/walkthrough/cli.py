@@ -105,7 +105,7 @@ def train_policy(
     sample_steps: int = typer.Option(16, "--sample-steps", min=1, help="Euler steps when sampling (validation and play default)."),
     vision_pretrained: Optional[Path] = typer.Option(None, "--vision-pretrained", help="Local directory of a SigLIP 2 saved with save_pretrained."),
     freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Keep the vision encoder's weights fixed."),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of an earlier policy run (same architecture; a new optimizer and schedule; games it has not seen are added)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of an earlier policy run (same architecture, or more --context-frames; a new optimizer and schedule; games it has not seen are added)."),
     standardize_tokens: Optional[bool] = typer.Option(None, "--standardize-tokens/--raw-tokens", help="BatchNorm over the image tokens before the DiT (default: the preset's; on for cpu and test)."),
     game_dropout: float = typer.Option(0.1, "--game-dropout", min=0.0, max=1.0, help="Probability of hiding the game id (trains the CFG unconditional)."),
     no_confidence_weighting: bool = typer.Option(False, "--no-confidence-weighting", help="Weight pseudo-label steps 1 instead of by their confidence."),
@@ -216,6 +216,7 @@ def dagger(
     replan_every: int = typer.Option(8, "--replan-every", min=1),
     sample_steps: Optional[int] = typer.Option(None, "--sample-steps", min=1, help="Euler steps per chunk (default: the run's)."),
     rollout_seed: int = typer.Option(1000, "--rollout-seed", help="Round R's rollouts use seeds from rollout-seed + (R-1) x rollouts."),
+    context_frames: Optional[int] = typer.Option(None, "--context-frames", min=1, help="Frames the policy sees (default: the start run's); more grows it in round 1."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps per round (default: the start run's)."),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Training time per round (default: the start run's)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
@@ -241,7 +242,8 @@ def dagger(
         train_cfg = replace(TrainConfig.from_dict(read_run_config(ckpt)["train"]), max_minutes=None, **changes)
         cfg = dagger_rounds.DaggerConfig(game=game, rounds=rounds, rollouts=rollouts, rollout_seed=rollout_seed,
                                          eval_episodes=eval_episodes, max_seconds=max_seconds,
-                                         replan_every=replan_every, sample_steps=sample_steps)
+                                         replan_every=replan_every, sample_steps=sample_steps,
+                                         context_frames=context_frames)
         summary = dagger_rounds.dagger(ckpt, [Source.parse(d) for d in data], out, cfg, train_cfg, device=device)
     except (ValueError, OSError, VideoError) as e:
         fail(str(e))

@@ -20,7 +20,7 @@ Layout of ``--out``, one folder per round; a killed run resumes where it stopped
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from walkthrough.chunks import write_json_atomic
@@ -40,6 +40,8 @@ class DaggerConfig:
     max_seconds: float = 180.0  # cap on every episode, rollouts and evaluation alike
     replan_every: int = 8
     sample_steps: int | None = None  # Euler steps per chunk; None: the run's own
+    # Frames the policy sees; more than the start run's grows it in round 1 (``policy.initialised_from``)
+    context_frames: int | None = None
 
     def __post_init__(self) -> None:
         if self.game not in EXPERT_GAMES:
@@ -58,6 +60,8 @@ def dagger(start: Path, sources: list[Source], out: Path, cfg: DaggerConfig, tra
     out.mkdir(parents=True, exist_ok=True)
     where = check_device(device)
     config = run_model_config(start, PolicyConfig)  # the architecture every round keeps
+    if cfg.context_frames is not None:
+        config = replace(config, context_frames=cfg.context_frames)
 
     def played(run: Path, folder: Path, episodes: int, seed: int, relabel: Path | None = None) -> dict:
         if (folder / "scores.json").exists():  # written last, atomically: the play finished

@@ -411,15 +411,22 @@ TRAINING_ONLY = ("games", "sample_steps", "game_dropout", "noise_samples", "beta
 def initialised_from(run_dir: Path | str, config: PolicyConfig) -> Policy:
     """A policy for ``config`` that starts from the weights (EMA where kept) of the policy run in
     ``run_dir``: to train on with new data or a new budget (e.g. across GPU leases), or on a new game.
-    The architecture must be the same. The game vocabulary is the earlier run's, its ids kept, with the
-    games of ``config`` it lacks appended; each new game's embedding starts as the null game's, so a new
-    game is first played as the earlier policy played an unnamed one.
+    The architecture must be the same, except that ``config`` may see more context frames.
+
+    - Games: the vocabulary is the earlier run's, its ids kept, with the games of ``config`` it lacks
+      appended; each new game's embedding starts as the null game's, so a new game is first played as
+      the earlier policy played an unnamed one.
+    - Context frames: each added (earlier) frame starts with the oldest known frame's position and
+      token statistics. Shown a still screen, the grown policy then acts exactly as the earlier one
+      (every key and value of its attention appears once per frame); the frames' differences, which
+      one frame cannot show (where the ball is going), are what training on them teaches it to read.
     """
     earlier = load_model(Path(run_dir))
     if not isinstance(earlier, Policy):
         raise ValueError(f"{run_dir}: not a policy run")
     before, now = asdict(earlier.config), asdict(config)
-    differ = [f"{k}: {before[k]} -> {now[k]}" for k in now if k not in TRAINING_ONLY and before[k] != now[k]]
+    differ = [f"{k}: {before[k]} -> {now[k]}" for k in now if k not in TRAINING_ONLY and before[k] != now[k]
+              and not (k == "context_frames" and now[k] > before[k])]
     if differ:
         raise ValueError(f"{run_dir}: a policy of another architecture ({'; '.join(differ)})")
     new_games = sorted(set(config.games) - set(earlier.config.games))
@@ -427,6 +434,15 @@ def initialised_from(run_dir: Path | str, config: PolicyConfig) -> Policy:
     weights = earlier.state_dict()
     known = weights["game_embed.weight"]  # (1 + known games, D)
     weights["game_embed.weight"] = torch.cat([known, known[NULL_GAME].expand(len(new_games), -1)])
+    added = config.context_frames - earlier.config.context_frames
+
+    def grow(per_frame: Tensor) -> Tensor:  # (F0, ...) -> (F0 + added, ...): frame 0 is the oldest
+        return torch.cat([per_frame[:1].expand(added, *per_frame.shape[1:]), per_frame])
+
+    weights["frame_pos"] = grow(weights["frame_pos"])  # (F, 1, D)
+    if config.standardize_tokens:
+        for stat in ("token_norm.running_mean", "token_norm.running_var"):  # (F*N*D,)
+            weights[stat] = grow(weights[stat].view(earlier.config.context_frames, -1)).flatten()
     policy.load_state_dict(weights)
     return policy
 
