@@ -1,18 +1,20 @@
 """Acting: the frame path, re-planning, closed-loop play, offline grading, and the CLI end to end."""
 
 import json
+import math
 
 import av
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import default_collate
 from typer.testing import CliRunner
 
 from walkthrough import actions as A
 from walkthrough.chunks import ChunkStore, StoreError
 from walkthrough.cli import app
 from walkthrough.games import AtariGame, ExpertPlayer
-from walkthrough.play import Agent, _grade, evaluate_offline, play, preprocess
+from walkthrough.play import Agent, _grade, evaluate_offline, flow_errors, play, preprocess
 from walkthrough.idm import IDMConfig, train_idm
 from walkthrough.policy import PRESETS, Policy, PolicyConfig, PolicyDataset, is_pseudo_label
 from walkthrough.train import TrainConfig
@@ -145,6 +147,27 @@ def test_image_gain_says_whether_the_policy_reads_the_screen(recorded):
                 block.attn.out.bias.zero_()
     blind = evaluate_offline(policy, dataset, max_windows=16, batch_size=8)["image_gain"]
     assert abs(reads) > 1e-3 and blind == pytest.approx(0.0, abs=1e-6)
+
+
+def test_motion_gain_says_whether_the_policy_reads_the_earlier_frames(recorded):
+    policy = tiny_policy(context_frames=2)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.normal_(0, 0.3)
+    policy.eval()
+    dataset = PolicyDataset([(list(ChunkStore(recorded)), 1.0)], policy.config)
+    batch = default_collate([dataset[i] for i in range(0, 160, 20)])
+    now = batch["frames"][:, -1:]  # (B, 1, 3, H, W)
+    batch["frames"] = torch.cat([now.roll(1, dims=0), now], dim=1)  # the screen before: another window's
+    own, _, still = flow_errors(policy, batch, torch.Generator().manual_seed(0))
+    assert still != own  # the earlier frame counts
+    batch["frames"] = now.repeat(1, 2, 1, 1, 1)  # nothing moved: nothing to read
+    own, _, still = flow_errors(policy, batch, torch.Generator().manual_seed(0))
+    assert still == own
+    assert math.isfinite(evaluate_offline(policy, dataset, max_windows=8, batch_size=8)["motion_gain"])
+    one_frame = tiny_policy()
+    dataset = PolicyDataset([(list(ChunkStore(recorded)), 1.0)], one_frame.config)
+    assert "motion_gain" not in evaluate_offline(one_frame, dataset, max_windows=8, batch_size=8)
 
 
 def test_cli_trains_plays_and_grades(recorded, tmp_path):

@@ -286,8 +286,9 @@ def eval_policy(
         write_json_atomic(out, result)
     console.print(f"first action: button F1 {result['first']['button_f1']:.3f}, stick MAE "
                   f"{result['first']['stick_mae']:.3f};  chunk: button F1 {result['chunk']['button_f1']:.3f}, "
-                  f"stick MAE {result['chunk']['stick_mae']:.3f};  image gain {result['image_gain']:.3f}  "
-                  f"({result['windows']} windows)")
+                  f"stick MAE {result['chunk']['stick_mae']:.3f};  image gain {result['image_gain']:.3f}"
+                  + (f", motion gain {result['motion_gain']:.3f}" if "motion_gain" in result else "")
+                  + f"  ({result['windows']} windows)")
 
 
 @app.command()

@@ -169,47 +169,55 @@ def evaluate_offline(policy: Policy, dataset: PolicyDataset, max_windows: int = 
                      sample_steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0) -> dict:
     """Sample one chunk for each of up to ``max_windows`` windows spread evenly over ``dataset`` and
     grade it against the true actions (labelled steps only): ``first`` the action executed right
-    away, ``chunk`` all H actions."""
+    away, ``chunk`` all H actions; ``image_gain`` and, with more than one context frame,
+    ``motion_gain`` (``flow_errors``)."""
     was_training = policy.training
     policy.eval()
     device = next(policy.parameters()).device
     index = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), max_windows)).astype(int))
     generator = torch.Generator(device).manual_seed(seed)
-    preds, trues, masks, errors = [], [], [], torch.zeros(2)
+    preds, trues, masks, errors = [], [], [], torch.zeros(3)
     for start in range(0, len(index), batch_size):
         batch = default_collate([dataset[int(i)] for i in index[start:start + batch_size]])
         chunk = policy.sample(batch["frames"].to(device), batch["game"].to(device), sample_steps, cfg_scale, generator)
         preds.append(chunk.cpu())
         trues.append(batch["actions"])
         masks.append(batch["action_mask"])
-        errors += flow_errors_own_and_other_frames(policy, {k: v.to(device) for k, v in batch.items()}, generator)
+        errors += flow_errors(policy, {k: v.to(device) for k, v in batch.items()}, generator)
     policy.train(was_training)
     pred, true = torch.cat(preds).numpy(), torch.cat(trues).numpy()  # (W, T, 21) each
     mask = torch.cat(masks).numpy()  # (W, T)
+    own = errors[0].clamp(min=1e-12)
+    motion = {"motion_gain": float(errors[2] / own - 1)} if policy.config.context_frames > 1 else {}
     return {"windows": len(index),
             "first": _grade(pred[:, 0][mask[:, 0]], true[:, 0][mask[:, 0]]),
             "chunk": _grade(pred[mask], true[mask]),
-            "image_gain": float(errors[1] / errors[0].clamp(min=1e-12) - 1)}
+            "image_gain": float(errors[1] / own - 1), **motion}
 
 
 @torch.no_grad()
-def flow_errors_own_and_other_frames(policy: Policy, batch: dict, generator: torch.Generator) -> torch.Tensor:
-    """Does the policy look at the screen? Its flow-matching error (summed over labelled steps)
-    with each window's own frames and with the next window's, for the same noise and t: (2,).
+def flow_errors(policy: Policy, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    """Does the policy look at the screen, and at how it moves? Its flow-matching error (summed over
+    labelled steps) for the same noise and t with each window's own frames, with the next window's,
+    and with its screen held still (every context frame replaced by the last one): (3,).
 
     ``image_gain`` = other / own - 1: 0 when the image changes nothing (a policy that learned only
     the action prior), > 0 as it reads the screen; it moves long before sampled actions do.
+    ``motion_gain`` = still / own - 1, the same for the earlier context frames: > 0 as the policy
+    reads what one frame cannot show (where the ball is going). With one context frame, still = own.
     """
     a = to_flow(batch["actions"])  # (B, T, 21)
     if len(a) < 2:
-        return torch.zeros(2)
+        return torch.zeros(3)
     noise = torch.randn(a.shape, generator=generator, device=a.device)
     t = torch.rand(len(a), generator=generator, device=a.device)  # (B,)
     x_t = (1 - t[:, None, None]) * noise + t[:, None, None] * a
-    image = policy.encode(batch["frames"])  # (B, S, D)
+    frames = batch["frames"]  # (B, F, 3, H, W)
+    image = policy.encode(frames)  # (B, S, D)
+    still = policy.encode(frames[:, -1:].expand_as(frames)) if frames.shape[1] > 1 else image
     mask = batch["action_mask"].float()[..., None]  # (B, T, 1)
-    return torch.stack([(((policy.velocity(x_t, t, frames, batch["game"]) - (a - noise)) ** 2) * mask).sum()
-                        for frames in (image, image.roll(1, dims=0))]).cpu()
+    return torch.stack([(((policy.velocity(x_t, t, tokens, batch["game"]) - (a - noise)) ** 2) * mask).sum()
+                        for tokens in (image, image.roll(1, dims=0), still)]).cpu()
 
 
 def evaluate_run(run_dir: Path, data: list[Path], all_episodes: bool = False, ema: bool = True,

@@ -563,7 +563,8 @@ def train_policy(sources: list[Source], out: Path, config: PolicyConfig, train_c
     def evaluate(policy: nn.Module) -> dict[str, float]:
         metrics = evaluate_offline(policy, val_set, max_windows=eval_windows)
         return {**{f"{part}_{name}": metrics[part][name] for part in ("first", "chunk")
-                   for name in ("button_f1", "stick_mae")}, "image_gain": metrics["image_gain"]}
+                   for name in ("button_f1", "stick_mae")},
+                **{k: metrics[k] for k in ("image_gain", "motion_gain") if k in metrics}}
 
     data = {"sources": summary, "val_episodes": [e.video_id for e in held_out],
             "use_confidence": use_confidence, "vision_pretrained": str(vision_pretrained or ""),
