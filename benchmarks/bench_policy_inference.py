@@ -6,8 +6,10 @@ the latency of one chunk (batch 1: what acting needs), actions sampled per secon
 real-time ratio: the time budget over the time used (>= 1 means real time).
 
     python benchmarks/bench_policy_inference.py [--ckpt RUN] [--threads 1] [--repeats 50]
+    python benchmarks/bench_policy_inference.py --context-frames 2 [--fuse-frames]
 
-Without --ckpt the CPU preset is built with random weights (latency does not depend on them).
+Without --ckpt the CPU preset is built with random weights (latency does not depend on them), seeing
+--context-frames frames: each with tokens of its own, or stacked in each patch (--fuse-frames).
 The last line is ``JSON: {...}``.
 """
 
@@ -44,10 +46,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--replan-every", type=int, default=8)
+    parser.add_argument("--context-frames", type=int, default=1, help="without --ckpt: frames the policy sees")
+    parser.add_argument("--fuse-frames", action="store_true", help="without --ckpt: frames stacked in each patch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    policy = load_model(args.ckpt) if args.ckpt else Policy(PolicyConfig(**PRESETS["cpu"])).eval()
+    policy = load_model(args.ckpt) if args.ckpt else Policy(PolicyConfig(
+        **PRESETS["cpu"], context_frames=args.context_frames, fuse_frames=args.fuse_frames)).eval()
     cfg = policy.config
     screen = AtariGame("Breakout").reset()  # (210, 160, 3)
     frames = torch.from_numpy(preprocess(screen, cfg.image_size)).permute(2, 0, 1)[None, None]
@@ -55,10 +60,12 @@ def main() -> None:
     preprocess_s = float(np.median(timed(lambda: preprocess(screen, cfg.image_size), args.repeats)))
     budget_s = args.replan_every / args.fps
     params = sum(p.numel() for p in policy.parameters())
-    print(f"policy: {params / 1e6:.2f}M params, {cfg.image_size}px, horizon {cfg.horizon}, "
+    print(f"policy: {params / 1e6:.2f}M params, {cfg.image_size}px, {cfg.context_frames} frame(s)"
+          f"{' fused' if cfg.fuse_frames else ''}, horizon {cfg.horizon}, "
           f"{args.threads} thread(s), {platform.processor() or platform.machine()}")
     print(f"preprocess: {1000 * preprocess_s:.2f} ms/frame")
     result = {"params_m": round(params / 1e6, 3), "image_size": cfg.image_size, "horizon": cfg.horizon,
+              "context_frames": cfg.context_frames, "fuse_frames": cfg.fuse_frames,
               "threads": args.threads, "preprocess_ms": round(1000 * preprocess_s, 3),
               "budget_ms": round(1000 * budget_s, 1), "sample_steps": {}}
     with torch.inference_mode():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One short lease of a GPU machine, as one command: train the policy on Breakout expert play on the
-# GPU (the recipe of docs/policy.md's CPU runs with a larger batch; variants side by side), play each
+# One short lease of a GPU machine, as one command: train the policy on a game's expert play (Breakout by
+# default) on the GPU (the recipe of docs/policy.md's CPU runs with a larger batch; variants side by side), play each
 # run closed-loop (one CPU process per episode, seeds 0..EPISODES-1), then measure training and
 # labeling throughput (benchmarks/bench_train.py, bench_label.py --device cuda). Each stage has its
 # own time limit, so a slow stage cuts the benchmarks, never the training.
@@ -8,10 +8,12 @@
 #   OUT=out bash experiments/gpu_breakout.sh
 #   OUT=out VARIANTS="plain context2" TRAIN_MINUTES=6 DEADLINE=560 SKIP_BENCH=1 bash experiments/gpu_breakout.sh
 #   OUT=out VARIANTS=plain TRAIN_MINUTES=4 DAGGER_MINUTES=2 SKIP_BENCH=1 bash experiments/gpu_breakout.sh  # + DAgger
+#   OUT=out/pong GAME=Pong DATA=.devdata/pong_expert VARIANTS=fused2 EPISODES=0 SKIP_BENCH=1 bash experiments/gpu_breakout.sh
+#     (EPISODES=0: train only, and play the runs elsewhere; two such calls with their own OUT can share a machine)
 #
 # Expects chunk stores in DATA (default .devdata/expert_breakout and .devdata/breakout_more, from
 # `walkthrough record --game Breakout --player expert`, seeds 0 and 1000) and, where the machine's
-# Python lacks them, .whl/ with wheels of av, gymnasium, ale-py and farama-notifications. Everything
+# Python lacks them, $WHEELS (default .whl/) with wheels of av, gymnasium, ale-py and farama-notifications. Everything
 # lands in $OUT: log.txt, play.json and per run its config, EMA weights and metrics. The settings
 # below are environment variables; tests/test_experiments.py runs it on the test preset.
 set -u
@@ -24,6 +26,8 @@ LABEL_DEVICE=${LABEL_DEVICE-cuda}  # empty: skip the labeling benchmark
 BENCH_TRAIN_ARGS=${BENCH_TRAIN_ARGS:-}
 WORKERS=${WORKERS:-6}  # loader workers per training run
 PRESET=${PRESET:-cpu}
+GAME=${GAME:-Breakout}  # the game played
+WHEELS=${WHEELS:-.whl}
 BATCH=${BATCH:-256}
 DATA=${DATA:-.devdata/expert_breakout .devdata/breakout_more}  # chunk stores to train on
 EPISODES=${EPISODES:-10}  # played per run
@@ -34,15 +38,17 @@ ROLLOUTS=${ROLLOUTS:-16}  # episodes per run relabelled for DAgger
 TMP=${WORK:-$(mktemp -d)}  # runs and plays
 mkdir -p "$TMP"
 # the CPU recipe; with augmentation; with the previous frame too (the ball's direction)
+# the same with the frames stacked in each patch (early fusion);
 # and "continue": the recipe from the weights in $INIT_FROM (an earlier lease's run: config.json + ema.safetensors)
 declare -A VARIANT_ARGS=([plain]="--no-augment" [augment]="--augment" [context2]="--no-augment --context-frames 2"
+                         [fused2]="--no-augment --context-frames 2 --fuse-frames"
                          [continue]="--no-augment --init-from ${INIT_FROM:-.devdata/init}")
 declare -A RUNS
 for name in ${VARIANTS:-plain augment}; do RUNS[$name]=${VARIANT_ARGS[$name]}; done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-if [ -d .whl ] && [ -z "${SKIP_WHEELS:-}" ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+if [ -d "$WHEELS" ] && [ -z "${SKIP_WHEELS:-}" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
         && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 export PY
@@ -81,14 +87,14 @@ for name in "${!RUNS[@]}"; do
     mkdir -p "$OUT/$name"; cp $TMP/$name/config.json $TMP/$name/ema.safetensors $TMP/$name/metrics.jsonl "$OUT/$name/"
 done
 
-# play_runs FIRST_SEED COUNT RELABEL RUN...: each run plays COUNT Breakout episodes, one process each;
+# play_runs FIRST_SEED COUNT RELABEL RUN...: each run plays COUNT $GAME episodes, one process each;
 # RELABEL=1 also writes them to $TMP/dagger_RUN, labelled by the scripted expert
 play_runs() {
     local first=$1 count=$2 relabel=$3 extra; shift 3
     for name in "$@"; do
         extra=""; [ "$relabel" = 1 ] && extra="--relabel $TMP/dagger_$name"
         for i in $(seq 0 $((count - 1))); do
-            timeout $(( $(left) - 40 )) bash -c "wt play --ckpt $TMP/$name --game Breakout --episodes 1 \
+            timeout $(( $(left) - 40 )) bash -c "wt play --ckpt $TMP/$name --game $GAME --episodes 1 \
                 --seed $((first + i)) --sample-steps 4 --max-seconds $PLAY_SECONDS --videos 0 $extra \
                 --out $TMP/play_$name/s$((first + i))" > $TMP/play_$name.$i.log 2>&1 &
         done
@@ -97,28 +103,30 @@ play_runs() {
 }
 # summarise RUN...: their scores, merged into $OUT/play.json
 summarise() {
-$PY - "$TMP" "$OUT/play.json" "$@" <<'PYTHON'
+$PY - "$TMP" "$OUT/play.json" "$GAME" "$@" <<'PYTHON'
 import json, sys
 from pathlib import Path
 import numpy as np
 out = Path(sys.argv[2])
 summary = json.loads(out.read_text()) if out.exists() else {}
-for name in sys.argv[3:]:
+for name in sys.argv[4:]:
     runs = [json.loads(p.read_text()) for p in sorted(Path(sys.argv[1], f"play_{name}").glob("s*/scores.json"))]
     episodes = [e for r in runs for e in r["episodes"]]
     scores = np.array([e["score"] for e in episodes])
     summary[name] = {"episodes": episodes, "mean": float(scores.mean()) if len(scores) else None,
                      "std": float(scores.std()) if len(scores) else None,
                      "chunk_latency_ms": [r["chunk_latency_ms"] for r in runs]}
-    print(f"{name}: Breakout {summary[name]['mean']} +- {summary[name]['std']} over {len(scores)} episodes")
+    print(f"{name}: {sys.argv[3]} {summary[name]['mean']} +- {summary[name]['std']} over {len(scores)} episodes")
 out.write_text(json.dumps(summary, indent=1))
 PYTHON
 }
 
-echo "== play: $EPISODES episodes per run, one process each, K = 4, re-plan every 8"
+if [ "$EPISODES" -gt 0 ]; then
+echo "== play: $EPISODES $GAME episodes per run, one process each, K = 4, re-plan every 8"
 play_runs 0 "$EPISODES" 0 "${!RUNS[@]}"
 summarise "${!RUNS[@]}"
 echo "play done at ${SECONDS}s"
+fi
 
 if [ -n "$DAGGER_MINUTES" ]; then
     echo "== DAgger: $ROLLOUTS episodes per run (seeds 100 on) relabelled by the expert, then $DAGGER_MINUTES min more on them + DATA"

@@ -10,6 +10,7 @@ classify the first action of each window as none / left / right / fire from its 
                                                                       #   attention-pooled, + linear
     python experiments/policy_probe.py --data DATA --encoder policy --raw-tokens   # without it
     python experiments/policy_probe.py --data DATA --encoder cnn --context-frames 2   # this frame and the last
+    python experiments/policy_probe.py --data DATA --encoder policy --context-frames 2 --fuse-frames  # stacked in a patch
 Prints held-out accuracy and left / right F1 every 100 steps (``--eval-every``), beside the majority class's accuracy.
 Results and commands: docs/policy.md ("Why it does not learn").
 """
@@ -86,9 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="the policy input and encoder")
     parser.add_argument("--raw-tokens", action="store_true", help="turn the preset's token standardisation off")
     parser.add_argument("--context-frames", type=int, default=1, help="frames up to now (2 show the ball's motion)")
+    parser.add_argument("--fuse-frames", action="store_true", help="the policy's early fusion: frames stacked in a patch")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    config = PolicyConfig(**PRESETS[args.preset], context_frames=args.context_frames)
+    config = PolicyConfig(**PRESETS[args.preset], context_frames=args.context_frames, fuse_frames=args.fuse_frames)
     if args.raw_tokens:
         config = replace(config, standardize_tokens=False)
     fit, held = split_episodes(list(ChunkStore(args.data)), 0.15)

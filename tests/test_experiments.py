@@ -19,11 +19,11 @@ def load(name: str):
     return module
 
 
-@pytest.mark.parametrize("encoder, frames", [("cnn", "1"), ("policy", "1"), ("cnn", "2")])
+@pytest.mark.parametrize("encoder, frames", [("cnn", "1"), ("policy", "1"), ("cnn", "2"), ("policy", "2 --fuse-frames")])
 def test_policy_probe_trains_and_reports_held_out_accuracy(recorded, capsys, encoder, frames):
     probe = load("policy_probe")
     probe.main(["--data", str(recorded), "--encoder", encoder, "--preset", "test", "--steps", "2",
-                "--eval-every", "2", "--train-episodes", "2", "--context-frames", frames])
+                "--eval-every", "2", "--train-episodes", "2", "--context-frames", *frames.split()])
     out = capsys.readouterr().out
     assert "held-out majority class" in out and "step 2: loss" in out and "held-out accuracy" in out
 

@@ -14,7 +14,8 @@ from walkthrough import actions as A
 from walkthrough import chunks
 from walkthrough.chunks import ChunkStore, StoreError
 from walkthrough.policy import (NULL_GAME, PRESETS, Policy, PolicyConfig, PolicyDataset, Source, from_flow,
-                                is_pseudo_label, patchify, to_flow, train_policy, with_pretrained_vision)
+                                initialised_from, is_pseudo_label, patchify, to_flow, train_policy,
+                                with_pretrained_vision)
 from walkthrough.train import TrainConfig, load_model
 
 
@@ -170,15 +171,16 @@ def test_a_run_starts_from_an_earlier_runs_weights_when_the_architecture_matches
 
 def test_a_run_grown_to_more_context_frames_acts_as_the_earlier_one_on_a_still_screen(recorded, tmp_path):
     first = train_policy([Source(recorded)], tmp_path / "first", config(), quick_train(), eval_windows=8)
-    second = train_policy([Source(recorded)], tmp_path / "second", config(context_frames=3),
-                          quick_train(lr=0.0, ema_decay=0.0), eval_windows=8, init_from=first)
-    start, grown = load_model(first), load_model(second)
+    # the grown weights themselves (a run would recompute the token statistics on moving frames)
+    start, grown = load_model(first), initialised_from(first, config(context_frames=3)).eval()
     assert grown.config.context_frames == 3
     frames = toy_batch(start.config, batch=3)["frames"]  # (B, 1, 3, H, W)
     game = torch.tensor([1, 2, 1])
     before = start.sample(frames, game, generator=torch.Generator().manual_seed(0))
     after = grown.sample(frames.expand(-1, 3, -1, -1, -1), game, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(after, before, rtol=0, atol=1e-3)  # float rounding only
+    second = train_policy([Source(recorded)], tmp_path / "second", config(context_frames=3), quick_train(),
+                          eval_windows=8, init_from=first)
     grown2 = train_policy([Source(recorded)], tmp_path / "third", config(context_frames=2),
                           quick_train(steps=20, lr=1e-2), eval_windows=8, init_from=first)
     trained = load_model(grown2, ema=False)
@@ -186,6 +188,39 @@ def test_a_run_grown_to_more_context_frames_acts_as_the_earlier_one_on_a_still_s
     assert not torch.equal(older, now)  # the frames' differences tell them apart, though they start alike
     with pytest.raises(ValueError, match="another architecture .*context_frames: 3 -> 1"):
         train_policy([Source(recorded)], tmp_path / "fourth", config(), quick_train(), init_from=second)
+
+
+def test_fused_frames_are_stacked_in_each_patch_at_one_frames_token_count():
+    torch.manual_seed(0)
+    one, fused = Policy(config()), Policy(config(context_frames=3, fuse_frames=True))
+    batch = toy_batch(fused.config, batch=4)
+    tokens = fused.encode(batch["frames"])  # (B, N, D): the three frames in one set of tokens
+    assert tokens.shape == one.encode(batch["frames"][:, -1:]).shape
+    assert fused.vision.embeddings.patch_embedding.in_features == 8 * 8 * 3 * 3
+    moved = batch["frames"].clone()
+    moved[:, 0] = 255 - moved[:, 0]  # only the oldest frame differs
+    assert not torch.allclose(fused.eval().encode(moved), fused.encode(batch["frames"]))
+    loss, _ = fused.train().loss(batch)
+    assert torch.isfinite(loss)
+    assert fused.sample(batch["frames"], batch["game"], steps=2).shape == (4, fused.config.horizon, A.ACTION_DIM)
+
+
+def test_a_run_grown_to_fused_frames_acts_as_the_earlier_one_whatever_they_show(recorded, tmp_path):
+    first = train_policy([Source(recorded)], tmp_path / "first", config(), quick_train(), eval_windows=8)
+    start, grown = load_model(first), initialised_from(first, config(context_frames=2, fuse_frames=True)).eval()
+    frames = toy_batch(grown.config, batch=3)["frames"]  # (B, 2, 3, H, W): two different frames
+    game = torch.tensor([1, 2, 1])
+    before = start.sample(frames[:, -1:], game, generator=torch.Generator().manual_seed(0))
+    after = grown.sample(frames, game, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-3)  # float rounding only
+    second = train_policy([Source(recorded)], tmp_path / "second", config(context_frames=2, fuse_frames=True),
+                          quick_train(), eval_windows=8, init_from=first)
+    third = train_policy([Source(recorded)], tmp_path / "third", config(context_frames=3, fuse_frames=True),
+                         quick_train(steps=4, lr=1e-2), eval_windows=8, init_from=second)
+    embedding = load_model(third, ema=False).vision.embeddings.patch_embedding.weight.view(-1, 8, 8, 3, 3)
+    assert embedding[..., 0, :].abs().sum() > 0  # the oldest frame starts at weight 0; training gives it weight
+    with pytest.raises(ValueError, match="another architecture .*fuse_frames: True -> False"):
+        train_policy([Source(recorded)], tmp_path / "fourth", config(context_frames=3), quick_train(), init_from=second)
 
 
 def test_a_run_started_from_an_earlier_one_learns_a_new_game_from_the_null_games_embedding(recorded, tmp_path):
@@ -244,6 +279,15 @@ def test_trains_from_a_local_pretrained_siglip2_with_the_hub_offline(recorded, t
     assert torch.equal(trained.vision.embeddings.patch_embedding.weight,
                        reference.embeddings.patch_embedding.weight)  # frozen
     assert not torch.equal(trained.action_in.weight, Policy(trained.config).action_in.weight)
+    # fused frames: the pretrained embedding reads the newest frame, the earlier ones start at weight 0
+    # and stay trainable when the rest of the encoder is frozen (else they could never count)
+    fused = with_pretrained_vision(config(freeze_vision=True, context_frames=2, fuse_frames=True), tmp_path / "siglip2")
+    frames = toy_batch(fused.config, batch=2)["frames"]  # (B, 2, 3, H, W)
+    ours = fused.vision_tokens(patchify(frames.flatten(1, 2).float() / 127.5 - 1, 8), 4)
+    theirs = policy.vision_tokens(patchify(frames[:, -1].float() / 127.5 - 1, 8), 4)
+    torch.testing.assert_close(ours, theirs)
+    assert fused.vision.embeddings.patch_embedding.weight.requires_grad
+    assert not fused.vision.encoder.layers[0].mlp.fc1.weight.requires_grad
 
 
 def test_pretrained_vision_needs_a_real_checkpoint(tmp_path):

@@ -101,6 +101,7 @@ def train_policy(
     preset: str = typer.Option("cpu", "--preset", help="cpu (2M params, SigLIP 2 from scratch at 128 px) | gpu (NitroGen-sized, 510M, 256 px) | test (smoke tests)."),
     horizon: int = typer.Option(16, "--horizon", min=1, help="Actions per predicted chunk."),
     context_frames: int = typer.Option(1, "--context-frames", min=1, help="Frames the policy sees, up to now."),
+    fuse_frames: bool = typer.Option(False, "--fuse-frames", help="Stack the context frames in each patch (early fusion: one frame's tokens, motion inside a patch)."),
     fps: float = typer.Option(30.0, "--fps", help="Frame and action rate (the recordings' rate)."),
     sample_steps: int = typer.Option(16, "--sample-steps", min=1, help="Euler steps when sampling (validation and play default)."),
     vision_pretrained: Optional[Path] = typer.Option(None, "--vision-pretrained", help="Local directory of a SigLIP 2 saved with save_pretrained."),
@@ -142,7 +143,7 @@ def train_policy(
         if preset not in policy.PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(policy.PRESETS)}")
         config = policy.PolicyConfig(**policy.PRESETS[preset], horizon=horizon, context_frames=context_frames,
-                                     fps=fps, sample_steps=sample_steps, freeze_vision=freeze_vision,
+                                     fuse_frames=fuse_frames, fps=fps, sample_steps=sample_steps, freeze_vision=freeze_vision,
                                      game_dropout=game_dropout)
         if standardize_tokens is not None:
             config = replace(config, standardize_tokens=standardize_tokens)
@@ -217,6 +218,7 @@ def dagger(
     sample_steps: Optional[int] = typer.Option(None, "--sample-steps", min=1, help="Euler steps per chunk (default: the run's)."),
     rollout_seed: int = typer.Option(1000, "--rollout-seed", help="Round R's rollouts use seeds from rollout-seed + (R-1) x rollouts."),
     context_frames: Optional[int] = typer.Option(None, "--context-frames", min=1, help="Frames the policy sees (default: the start run's); more grows it in round 1."),
+    fuse_frames: bool = typer.Option(False, "--fuse-frames", help="Stack the context frames in each patch (as train-policy's; default: the start run's choice)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps per round (default: the start run's)."),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", help="Training time per round (default: the start run's)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
@@ -243,7 +245,7 @@ def dagger(
         cfg = dagger_rounds.DaggerConfig(game=game, rounds=rounds, rollouts=rollouts, rollout_seed=rollout_seed,
                                          eval_episodes=eval_episodes, max_seconds=max_seconds,
                                          replan_every=replan_every, sample_steps=sample_steps,
-                                         context_frames=context_frames)
+                                         context_frames=context_frames, fuse_frames=fuse_frames)
         summary = dagger_rounds.dagger(ckpt, [Source.parse(d) for d in data], out, cfg, train_cfg, device=device)
     except (ValueError, OSError, VideoError) as e:
         fail(str(e))

@@ -42,6 +42,7 @@ class DaggerConfig:
     sample_steps: int | None = None  # Euler steps per chunk; None: the run's own
     # Frames the policy sees; more than the start run's grows it in round 1 (``policy.initialised_from``)
     context_frames: int | None = None
+    fuse_frames: bool = False  # grow to the context frames stacked in each patch (``PolicyConfig.fuse_frames``)
 
     def __post_init__(self) -> None:
         if self.game not in EXPERT_GAMES:
@@ -62,6 +63,8 @@ def dagger(start: Path, sources: list[Source], out: Path, cfg: DaggerConfig, tra
     config = run_model_config(start, PolicyConfig)  # the architecture every round keeps
     if cfg.context_frames is not None:
         config = replace(config, context_frames=cfg.context_frames)
+    if cfg.fuse_frames:
+        config = replace(config, fuse_frames=True)
 
     def played(run: Path, folder: Path, episodes: int, seed: int, relabel: Path | None = None) -> dict:
         if (folder / "scores.json").exists():  # written last, atomically: the play finished

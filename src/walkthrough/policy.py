@@ -62,6 +62,10 @@ class PolicyConfig:
     # what the policy sees and does
     image_size: int = 128  # square input, pixels
     context_frames: int = 1  # frames up to and including "now" (NitroGen: 1)
+    # Stack the context frames' channels into every patch (early fusion; VPT's IDM starts with a
+    # temporal convolution for the same reason) instead of giving each frame its own tokens: one
+    # patch embedding then sees a pixel change, where the ball moved, at one frame's token count.
+    fuse_frames: bool = False
     horizon: int = 16  # actions per predicted chunk (NitroGen: 16-18)
     fps: float = 30.0  # frame and action rate the policy was trained at
     games: list[str] = field(default_factory=list)  # game-id vocabulary; id i + 1 is games[i]
@@ -232,14 +236,16 @@ class Policy(nn.Module):
         self.config = config
         D, vision = config.width, config.vision
         # --- image tokens
-        self.vision = Siglip2VisionModel(Siglip2VisionConfig(**vision, vision_use_head=False))
+        self.token_frames = 1 if config.fuse_frames else config.context_frames  # frames with tokens of their own
+        channels = 3 * config.context_frames if config.fuse_frames else 3
+        self.vision = Siglip2VisionModel(Siglip2VisionConfig(**vision, num_channels=channels, vision_use_head=False))
         self.vision_proj = nn.Linear(vision["hidden_size"], D)
-        self.frame_pos = nn.Parameter(torch.zeros(config.context_frames, 1, D))  # which context frame
+        self.frame_pos = nn.Parameter(torch.zeros(self.token_frames, 1, D))  # which context frame
         layer = nn.TransformerEncoderLayer(D, config.heads, int(D * config.mlp_ratio), dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.neck = nn.TransformerEncoder(layer, config.neck_layers, norm=nn.LayerNorm(D),
                                           enable_nested_tensor=False)
-        tokens = config.context_frames * (config.image_size // vision["patch_size"]) ** 2
+        tokens = self.token_frames * (config.image_size // vision["patch_size"]) ** 2
         # Its statistics are recomputed on training batches before every validation and checkpoint
         # (``train.recompute_batchnorm``), so EMA weights get statistics of their own.
         self.token_norm = nn.BatchNorm1d(tokens * D, affine=False) if config.standardize_tokens else None
@@ -257,6 +263,8 @@ class Policy(nn.Module):
         self._init_weights()
         if config.freeze_vision:
             self.vision.requires_grad_(False)
+            if self.token_frames < config.context_frames:  # fused: the earlier frames enter only here
+                self.vision.embeddings.patch_embedding.requires_grad_(True)
 
     def _init_weights(self) -> None:
         # SigLIP 2's own init draws its position table from N(0, 1/D): ~10x weaker than a patch's
@@ -300,14 +308,15 @@ class Policy(nn.Module):
         return self.vision.post_layernorm(self.vision.encoder(inputs_embeds=x).last_hidden_state)
 
     def encode(self, frames: Tensor) -> Tensor:
-        """(B, F, 3, H, W) uint8 frames -> (B, F*N, D) image tokens."""
-        B, Fr = frames.shape[:2]  # (F is torch.nn.functional here)
+        """(B, F, 3, H, W) uint8 frames -> (B, F*N, D) image tokens ((B, N, D) with fused frames)."""
+        B, Fr, C, H, W = frames.shape  # (F is torch.nn.functional here)
         patch = self.config.vision["patch_size"]
         side = self.config.image_size // patch
-        pixels = frames.flatten(0, 1).float() / 127.5 - 1.0  # SigLIP normalisation: mean 0.5, std 0.5
-        patches = patchify(pixels, patch)  # (B*F, N, p*p*3)
+        pixels = frames.float() / 127.5 - 1.0  # SigLIP normalisation: mean 0.5, std 0.5
+        pixels = pixels.reshape(B * self.token_frames, -1, H, W)  # (B*F, 3, H, W), or fused (B, 3F, H, W)
+        patches = patchify(pixels, patch)  # (B*F, N, p*p*3), or fused (B, N, p*p*3F): frames inside a pixel
         out = self.vision_tokens(patches, side)  # (B*F, N, Dv)
-        tokens = self.vision_proj(out).view(B, Fr, -1, self.config.width) + self.frame_pos  # (B, F, N, D)
+        tokens = self.vision_proj(out).view(B, self.token_frames, -1, self.config.width) + self.frame_pos  # (B, F, N, D)
         tokens = self.neck(tokens.flatten(1, 2))  # (B, F*N, D)
         if self.token_norm is not None:
             tokens = self.token_norm(tokens.flatten(1)).view(tokens.shape)
@@ -400,8 +409,20 @@ def with_pretrained_vision(config: PolicyConfig, directory: Path | str) -> Polic
     if info["missing_keys"]:
         raise ValueError(f"{directory}: not a SigLIP 2 vision checkpoint (missing e.g. {sorted(info['missing_keys'])[0]})")
     policy = Policy(replace(config, vision={k: getattr(vision.config, k) for k in VISION_KEYS}))
-    policy.vision.load_state_dict(vision.state_dict())
+    weights = vision.state_dict()
+    if config.fuse_frames:  # the pretrained embedding reads the newest frame; earlier ones start at weight 0
+        key = "embeddings.patch_embedding.weight"
+        weights[key] = with_earlier_frames(weights[key], 1, config.context_frames, vision.config.patch_size)
+    policy.vision.load_state_dict(weights)
     return policy
+
+
+def with_earlier_frames(weight: Tensor, frames_before: int, frames: int, patch: int) -> Tensor:
+    """A patch embedding of fused frames, (Dv, p*p*3*F0) -> (Dv, p*p*3*F): the added, earlier frames
+    weigh 0, so the embedding is unchanged whatever they show and training finds what they add."""
+    per_frame = weight.view(weight.shape[0], patch, patch, frames_before, 3)  # patchify's (p, p, F, C) pixels
+    earlier = per_frame.new_zeros(weight.shape[0], patch, patch, frames - frames_before, 3)
+    return torch.cat([earlier, per_frame], dim=3).flatten(1)
 
 
 # Config fields that shape only training or sampling: a run may start from weights trained with others.
@@ -420,13 +441,17 @@ def initialised_from(run_dir: Path | str, config: PolicyConfig) -> Policy:
       token statistics. Shown a still screen, the grown policy then acts exactly as the earlier one
       (every key and value of its attention appears once per frame); the frames' differences, which
       one frame cannot show (where the ball is going), are what training on them teaches it to read.
+      With fused frames (``fuse_frames``; from a fused run or a one-frame one) the added frames'
+      pixels start at weight 0 in the patch embedding instead: the grown policy acts as the earlier
+      one whatever they show.
     """
     earlier = load_model(Path(run_dir))
     if not isinstance(earlier, Policy):
         raise ValueError(f"{run_dir}: not a policy run")
     before, now = asdict(earlier.config), asdict(config)
     differ = [f"{k}: {before[k]} -> {now[k]}" for k in now if k not in TRAINING_ONLY and before[k] != now[k]
-              and not (k == "context_frames" and now[k] > before[k])]
+              and not (k == "context_frames" and now[k] > before[k])
+              and not (k == "fuse_frames" and before["context_frames"] == 1)]  # one frame: fused or not
     if differ:
         raise ValueError(f"{run_dir}: a policy of another architecture ({'; '.join(differ)})")
     new_games = sorted(set(config.games) - set(earlier.config.games))
@@ -439,10 +464,15 @@ def initialised_from(run_dir: Path | str, config: PolicyConfig) -> Policy:
     def grow(per_frame: Tensor) -> Tensor:  # (F0, ...) -> (F0 + added, ...): frame 0 is the oldest
         return torch.cat([per_frame[:1].expand(added, *per_frame.shape[1:]), per_frame])
 
-    weights["frame_pos"] = grow(weights["frame_pos"])  # (F, 1, D)
-    if config.standardize_tokens:
-        for stat in ("token_norm.running_mean", "token_norm.running_var"):  # (F*N*D,)
-            weights[stat] = grow(weights[stat].view(earlier.config.context_frames, -1)).flatten()
+    if config.fuse_frames:  # one frame's tokens still: only the patch embedding sees the added frames
+        key = "vision.embeddings.patch_embedding.weight"
+        weights[key] = with_earlier_frames(weights[key], earlier.config.context_frames, config.context_frames,
+                                           config.vision["patch_size"])
+    else:
+        weights["frame_pos"] = grow(weights["frame_pos"])  # (F, 1, D)
+        if config.standardize_tokens:
+            for stat in ("token_norm.running_mean", "token_norm.running_var"):  # (F*N*D,)
+                weights[stat] = grow(weights[stat].view(earlier.config.context_frames, -1)).flatten()
     policy.load_state_dict(weights)
     return policy
 
