@@ -294,7 +294,7 @@ class Policy(nn.Module):
 
     # -- forward pieces
     def vision_tokens(self, patches: Tensor, side: int) -> Tensor:
-        """SigLIP 2 on (B, side*side, p*p*3) patches of same-sized images -> (B, side*side, Dv).
+        """SigLIP 2 on (B, side*side, p*p*C) patches of same-sized images -> (B, side*side, Dv).
 
         ``Siglip2VisionModel.forward`` with the position table resized once for the whole batch:
         transformers 5.17 (at least) resizes it image by image, with a GPU sync for each: the ``cpu``
@@ -309,7 +309,7 @@ class Policy(nn.Module):
 
     def encode(self, frames: Tensor) -> Tensor:
         """(B, F, 3, H, W) uint8 frames -> (B, F*N, D) image tokens ((B, N, D) with fused frames)."""
-        B, Fr, C, H, W = frames.shape  # (F is torch.nn.functional here)
+        B, H, W = frames.shape[0], *frames.shape[-2:]
         patch = self.config.vision["patch_size"]
         side = self.config.image_size // patch
         pixels = frames.float() / 127.5 - 1.0  # SigLIP normalisation: mean 0.5, std 0.5
