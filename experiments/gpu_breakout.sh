@@ -122,10 +122,10 @@ PYTHON
 }
 
 if [ "$EPISODES" -gt 0 ]; then
-echo "== play: $EPISODES $GAME episodes per run, one process each, K = 4, re-plan every 8"
-play_runs 0 "$EPISODES" 0 "${!RUNS[@]}"
-summarise "${!RUNS[@]}"
-echo "play done at ${SECONDS}s"
+    echo "== play: $EPISODES $GAME episodes per run, one process each, K = 4, re-plan every 8"
+    play_runs 0 "$EPISODES" 0 "${!RUNS[@]}"
+    summarise "${!RUNS[@]}"
+    echo "play done at ${SECONDS}s"
 fi
 
 if [ -n "$DAGGER_MINUTES" ]; then

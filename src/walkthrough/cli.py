@@ -143,8 +143,8 @@ def train_policy(
         if preset not in policy.PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(policy.PRESETS)}")
         config = policy.PolicyConfig(**policy.PRESETS[preset], horizon=horizon, context_frames=context_frames,
-                                     fuse_frames=fuse_frames, fps=fps, sample_steps=sample_steps, freeze_vision=freeze_vision,
-                                     game_dropout=game_dropout)
+                                     fuse_frames=fuse_frames, fps=fps, sample_steps=sample_steps,
+                                     freeze_vision=freeze_vision, game_dropout=game_dropout)
         if standardize_tokens is not None:
             config = replace(config, standardize_tokens=standardize_tokens)
         train_cfg = TrainConfig.from_dict(options)
