@@ -8,6 +8,7 @@
 #   OUT=out bash experiments/gpu_breakout.sh
 #   OUT=out VARIANTS="plain context2" TRAIN_MINUTES=6 DEADLINE=560 SKIP_BENCH=1 bash experiments/gpu_breakout.sh
 #   OUT=out VARIANTS=plain TRAIN_MINUTES=4 DAGGER_MINUTES=2 SKIP_BENCH=1 bash experiments/gpu_breakout.sh  # + DAgger
+#   OUT=out VARIANTS=fused2 TRAIN_MINUTES=3 DAGGER_MINUTES=1 DAGGER_ROUNDS=3 PLAY_START= ... # 3 rounds, only the last played
 #   OUT=out/pong GAME=Pong DATA=.devdata/pong_expert VARIANTS=fused2 EPISODES=0 SKIP_BENCH=1 bash experiments/gpu_breakout.sh
 #     (EPISODES=0: train only, and play the runs elsewhere; two such calls with their own OUT can share a machine)
 #
@@ -33,7 +34,10 @@ DATA=${DATA:-.devdata/expert_breakout .devdata/breakout_more}  # chunk stores to
 EPISODES=${EPISODES:-10}  # played per run
 SKIP_BENCH=${SKIP_BENCH:-}  # non-empty: no benchmarks
 EVAL_EVERY=${EVAL_EVERY:-1000}
-DAGGER_MINUTES=${DAGGER_MINUTES:-}  # non-empty: after play, one DAgger round per run (play --relabel, then train on)
+DAGGER_MINUTES=${DAGGER_MINUTES:-}  # non-empty: after play, DAgger rounds per run (play --relabel, then train on)
+DAGGER_ROUNDS=${DAGGER_ROUNDS:-1}
+ROUND_OVERHEAD=${ROUND_OVERHEAD:-90}  # seconds a DAgger round takes beyond its training: rollouts, loading, validation
+PLAY_START=${PLAY_START-1}  # empty: the trained runs are not played before DAgger (only its last round's are)
 ROLLOUTS=${ROLLOUTS:-16}  # episodes per run relabelled for DAgger
 TMP=${WORK:-$(mktemp -d)}  # runs and plays
 mkdir -p "$TMP"
@@ -82,70 +86,86 @@ for name in "${!RUNS[@]}"; do
         --num-workers $WORKERS ${RUNS[$name]}" > $TMP/$name.log 2>&1 &
 done
 wait
-for name in "${!RUNS[@]}"; do
-    echo "-- $name (${RUNS[$name]}), done at ${SECONDS}s"; tail -n 5 $TMP/$name.log; grep '"val"' $TMP/$name/metrics.jsonl
-    mkdir -p "$OUT/$name"; cp $TMP/$name/config.json $TMP/$name/ema.safetensors $TMP/$name/metrics.jsonl "$OUT/$name/"
-done
+# collect RUN: its config, EMA weights and metrics into $OUT/RUN, and its validation into the log
+collect() {
+    echo "-- $1, done at ${SECONDS}s"; tail -n 5 $TMP/$1.log; grep '"val"' $TMP/$1/metrics.jsonl
+    mkdir -p "$OUT/$1"; cp $TMP/$1/config.json $TMP/$1/ema.safetensors $TMP/$1/metrics.jsonl "$OUT/$1/"
+}
+for name in "${!RUNS[@]}"; do collect $name; done
 
-# play_runs FIRST_SEED COUNT RELABEL RUN...: each run plays COUNT $GAME episodes, one process each;
-# RELABEL=1 also writes them to $TMP/dagger_RUN, labelled by the scripted expert
+# play_runs FIRST_SEED COUNT RELABEL RUN...: each run plays COUNT $GAME episodes, one single-threaded
+# process each, into $TMP/play_RUN; RELABEL=1: rollouts instead, into $TMP/rollouts_RUN, and their
+# screens labelled by the scripted expert into the chunk store $TMP/dagger_RUN
 play_runs() {
-    local first=$1 count=$2 relabel=$3 extra; shift 3
+    local first=$1 count=$2 relabel=$3 extra folder; shift 3
     for name in "$@"; do
-        extra=""; [ "$relabel" = 1 ] && extra="--relabel $TMP/dagger_$name"
+        extra=""; folder=$TMP/play_$name
+        [ "$relabel" = 1 ] && extra="--relabel $TMP/dagger_$name" && folder=$TMP/rollouts_$name
         for i in $(seq 0 $((count - 1))); do
-            timeout $(( $(left) - 40 )) bash -c "wt play --ckpt $TMP/$name --game $GAME --episodes 1 \
+            OMP_NUM_THREADS=1 timeout $(( $(left) - 40 )) bash -c "wt play --ckpt $TMP/$name --game $GAME --episodes 1 \
                 --seed $((first + i)) --sample-steps 4 --max-seconds $PLAY_SECONDS --videos 0 $extra \
-                --out $TMP/play_$name/s$((first + i))" > $TMP/play_$name.$i.log 2>&1 &
+                --out $folder/s$((first + i))" > $folder.$i.log 2>&1 &
         done
     done
     wait
 }
-# summarise RUN...: their scores, merged into $OUT/play.json
+# summarise KIND RUN...: the scores of their plays (KIND play) or rollouts (KIND rollouts), merged into
+# $OUT/play.json under RUN resp. "RUN rollouts"
 summarise() {
 $PY - "$TMP" "$OUT/play.json" "$GAME" "$@" <<'PYTHON'
 import json, sys
 from pathlib import Path
 import numpy as np
-out = Path(sys.argv[2])
+out, kind = Path(sys.argv[2]), sys.argv[4]
 summary = json.loads(out.read_text()) if out.exists() else {}
-for name in sys.argv[4:]:
-    runs = [json.loads(p.read_text()) for p in sorted(Path(sys.argv[1], f"play_{name}").glob("s*/scores.json"))]
+for name in sys.argv[5:]:
+    runs = [json.loads(p.read_text()) for p in sorted(Path(sys.argv[1], f"{kind}_{name}").glob("s*/scores.json"))]
     episodes = [e for r in runs for e in r["episodes"]]
     scores = np.array([e["score"] for e in episodes])
-    summary[name] = {"episodes": episodes, "mean": float(scores.mean()) if len(scores) else None,
-                     "std": float(scores.std()) if len(scores) else None,
-                     "chunk_latency_ms": [r["chunk_latency_ms"] for r in runs]}
-    print(f"{name}: {sys.argv[3]} {summary[name]['mean']} +- {summary[name]['std']} over {len(scores)} episodes")
+    agreement = [r["expert_agreement"] for r in runs if r.get("expert_agreement") is not None]
+    key = name if kind == "play" else f"{name} {kind}"
+    summary[key] = {"episodes": episodes, "mean": float(scores.mean()) if len(scores) else None,
+                    "std": float(scores.std()) if len(scores) else None,
+                    "expert_agreement": float(np.mean(agreement)) if agreement else None,
+                    "chunk_latency_ms": [r["chunk_latency_ms"] for r in runs]}
+    print(f"{key}: {sys.argv[3]} {summary[key]['mean']} +- {summary[key]['std']} over {len(scores)} episodes, "
+          f"agreement with the expert {summary[key]['expert_agreement']}")
 out.write_text(json.dumps(summary, indent=1))
 PYTHON
 }
 
-if [ "$EPISODES" -gt 0 ]; then
+if [ "$EPISODES" -gt 0 ] && [ -n "$PLAY_START" ]; then
     echo "== play: $EPISODES $GAME episodes per run, one process each, K = 4, re-plan every 8"
     play_runs 0 "$EPISODES" 0 "${!RUNS[@]}"
-    summarise "${!RUNS[@]}"
+    summarise play "${!RUNS[@]}"
     echo "play done at ${SECONDS}s"
 fi
 
 if [ -n "$DAGGER_MINUTES" ]; then
-    echo "== DAgger: $ROLLOUTS episodes per run (seeds 100 on) relabelled by the expert, then $DAGGER_MINUTES min more on them + DATA"
-    for name in "${!RUNS[@]}"; do rm -rf $TMP/play_$name; done  # the rollouts' scores are not the evaluation's
-    play_runs 100 "$ROLLOUTS" 1 "${!RUNS[@]}"
-    for name in "${!RUNS[@]}"; do
-        timeout $(( $(left) - 60 )) bash -c "wt train-policy $(printf -- '--data %s ' $DATA) --data $TMP/dagger_$name \
-            --init-from $TMP/$name --out $TMP/$name-dagger --preset $PRESET --batch-size $BATCH --lr 3e-4 --warmup-steps 50 \
-            --no-bf16 --steps 100000 --budget-minutes $DAGGER_MINUTES --eval-every $EVAL_EVERY --ckpt-every $EVAL_EVERY \
-            --log-every 100 --num-workers $WORKERS ${RUNS[$name]%%--init-from*}" > $TMP/$name-dagger.log 2>&1 &
+    echo "== DAgger: up to $DAGGER_ROUNDS rounds; each: $ROLLOUTS episodes per run relabelled by the expert, then" \
+         "$DAGGER_MINUTES min more on DATA + every round's relabelled episodes; runs RUN-d1, RUN-d2, ..."
+    declare -A CURRENT AGGREGATE  # per variant: its latest run, and the --data of every round's rollouts
+    for name in "${!RUNS[@]}"; do CURRENT[$name]=$name; AGGREGATE[$name]=""; done
+    for round in $(seq 1 $DAGGER_ROUNDS); do
+        # a round whose training could not finish before the deadline would leave no weights: stop
+        [ "$(left)" -lt "$($PY -c "print(int($DAGGER_MINUTES * 60 + $ROUND_OVERHEAD))")" ] && \
+            echo "no time for round $round at ${SECONDS}s" && break
+        play_runs $((100 + (round - 1) * ROLLOUTS)) "$ROLLOUTS" 1 "${CURRENT[@]}"
+        summarise rollouts "${CURRENT[@]}"
+        for name in "${!RUNS[@]}"; do
+            from=${CURRENT[$name]}; AGGREGATE[$name]+=" --data $TMP/dagger_$from"
+            timeout $(( $(left) - 30 )) bash -c "wt train-policy $(printf -- '--data %s ' $DATA) ${AGGREGATE[$name]} \
+                --init-from $TMP/$from --out $TMP/$name-d$round --preset $PRESET --batch-size $BATCH --lr 3e-4 --warmup-steps 50 \
+                --no-bf16 --steps 100000 --budget-minutes $DAGGER_MINUTES --eval-every $EVAL_EVERY --ckpt-every $EVAL_EVERY \
+                --log-every 100 --num-workers $WORKERS ${RUNS[$name]%%--init-from*}" > $TMP/$name-d$round.log 2>&1 &
+        done
+        wait
+        for name in "${!RUNS[@]}"; do CURRENT[$name]=$name-d$round; collect $name-d$round; done
     done
-    wait
-    DAGGER_RUNS=$(for name in "${!RUNS[@]}"; do echo $name-dagger; done)
-    for name in $DAGGER_RUNS; do
-        echo "-- $name, done at ${SECONDS}s"; tail -n 5 $TMP/$name.log; grep '"val"' $TMP/$name/metrics.jsonl
-        mkdir -p "$OUT/$name"; cp $TMP/$name/config.json $TMP/$name/ema.safetensors $TMP/$name/metrics.jsonl "$OUT/$name/"
-    done
-    play_runs 0 "$EPISODES" 0 $DAGGER_RUNS
-    summarise $DAGGER_RUNS
+    if [ "$EPISODES" -gt 0 ]; then
+        play_runs 0 "$EPISODES" 0 "${CURRENT[@]}"
+        summarise play "${CURRENT[@]}"
+    fi
     echo "DAgger done at ${SECONDS}s"
 fi
 

@@ -28,21 +28,25 @@ def test_policy_probe_trains_and_reports_held_out_accuracy(recorded, capsys, enc
     assert "held-out majority class" in out and "step 2: loss" in out and "held-out accuracy" in out
 
 
-def test_gpu_lease_script_trains_plays_and_collects_its_results(recorded, tmp_path):
-    """experiments/gpu_breakout.sh on the test preset and the CPU: one variant, two short episodes, one DAgger round."""
-    out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "WORK": str(tmp_path / "work"), "PY": sys.executable, "SKIP_WHEELS": "1",
+def test_gpu_lease_script_trains_plays_and_runs_dagger_rounds(recorded, tmp_path):
+    """experiments/gpu_breakout.sh on the test preset and the CPU: one variant, two short episodes, two DAgger rounds."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "WORK": str(work), "PY": sys.executable, "SKIP_WHEELS": "1",
            "DATA": str(recorded), "PRESET": "test", "BATCH": "4", "WORKERS": "0", "VARIANTS": "plain",
            "TRAIN_MINUTES": "0.01", "EVAL_EVERY": "100", "EPISODES": "2", "PLAY_SECONDS": "2", "SKIP_BENCH": "1",
-           "DEADLINE": "900", "DAGGER_MINUTES": "0.01", "ROLLOUTS": "2"}
+           "DEADLINE": "900", "DAGGER_MINUTES": "0.01", "DAGGER_ROUNDS": "2", "ROLLOUTS": "2"}
     done = subprocess.run(["bash", str(EXPERIMENTS / "gpu_breakout.sh")], cwd=EXPERIMENTS.parent, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     play = json.loads((out / "play.json").read_text())
     assert [e["seed"] for e in play["plain"]["episodes"]] == [0, 1]
-    assert [e["seed"] for e in play["plain-dagger"]["episodes"]] == [0, 1]  # evaluated as the run it came from
-    assert len(list((tmp_path / "work" / "dagger_plain" / "actions").iterdir())) == 2
-    assert json.loads((out / "plain-dagger" / "config.json").read_text())["data"]["init_from"].endswith("plain")
+    assert [e["seed"] for e in play["plain-d2"]["episodes"]] == [0, 1]  # the last round, evaluated as the start
+    assert [e["seed"] for e in play["plain rollouts"]["episodes"]] == [100, 101]
+    assert [e["seed"] for e in play["plain-d1 rollouts"]["episodes"]] == [102, 103]
+    assert len(list((work / "dagger_plain-d1" / "actions").iterdir())) == 2
+    second = json.loads((out / "plain-d2" / "config.json").read_text())["data"]
+    assert second["init_from"].endswith("plain-d1")
+    assert [Path(s["path"]).name for s in second["sources"]][-2:] == ["dagger_plain", "dagger_plain-d1"]  # aggregated
     assert {p.name for p in (out / "plain").iterdir()} == {"config.json", "ema.safetensors", "metrics.jsonl"}
     assert "plain: Breakout" in (out / "log.txt").read_text()
 

@@ -22,6 +22,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +78,19 @@ def decode_episode(episode: Episode, fps: float, size: tuple[int, int],
     return episode.apply_mask(stacked)
 
 
+def decode_episodes(episodes: list[Episode], fps: float, size: tuple[int, int], workers: int | None = None,
+                    parallel_from_s: float = 300.0) -> list[np.ndarray]:
+    """``decode_episode`` for each episode, in ``workers`` processes (default: one per CPU core) once
+    the episodes hold ``parallel_from_s`` seconds of video or more. A process starts in a second or
+    two, one decoder reads ~1-2k frames/s: preloading hours of play serially takes minutes."""
+    workers = min(workers or os.cpu_count() or 1, len(episodes))
+    if workers <= 1 or sum(e.duration for e in episodes) < parallel_from_s:
+        return [decode_episode(e, fps, size) for e in episodes]
+    # spawn, not fork: the parent may hold torch's and FFmpeg's threads
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(decode_episode, episodes, itertools.repeat(fps), itertools.repeat(size)))
+
+
 class WindowDataset(Dataset):
     """Every window of every episode that has a video, at the spec's fps and size.
 
@@ -102,8 +118,8 @@ class WindowDataset(Dataset):
                 self.windows.append((e, start))
         self.frames_cache: dict[int, np.ndarray] = {}
         if preload:
-            for e in range(len(self.episodes)):
-                self.frames_cache[e] = self._decode_episode(e)
+            decoded = decode_episodes(self.episodes, spec.fps, spec.size)
+            self.frames_cache = dict(enumerate(decoded))
 
     @classmethod
     def from_store(cls, store: ChunkStore, spec: WindowSpec, **kwargs) -> "WindowDataset":
@@ -111,9 +127,6 @@ class WindowDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.windows)
-
-    def _decode_episode(self, e: int) -> np.ndarray:
-        return decode_episode(self.episodes[e], self.spec.fps, self.spec.size)
 
     def frames(self, e: int, start: int, num: int) -> np.ndarray:
         """(num, H, W, 3) uint8 frames start.. of episode e at the spec's fps; ``start`` may be
