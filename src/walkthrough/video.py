@@ -63,6 +63,10 @@ class VideoInfo:
 
 # --- reading ------------------------------------------------------------------------------------
 
+# Before av 19, a title or tag that is not UTF-8 made av.open raise unless told to ignore it;
+# av 19 (Python >= 3.12 only) removed the option.
+_OPEN_OPTIONS = {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
+
 
 def _open(path: Path) -> tuple[av.container.InputContainer, av.VideoStream]:
     """Open ``path`` and pick its video stream, or raise VideoError saying why not."""
@@ -71,7 +75,7 @@ def _open(path: Path) -> tuple[av.container.InputContainer, av.VideoStream]:
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: empty file (0 bytes)")
     try:
-        container = av.open(str(path), metadata_errors="ignore")
+        container = av.open(str(path), **_OPEN_OPTIONS)
     except av.FFmpegError as e:  # not a media file, or its index (e.g. mp4 'moov') is missing
         raise VideoError(f"{path}: cannot open as video ({e})") from None
     # Cover art in audio files shows up as a one-picture "video" stream: it does not count.
