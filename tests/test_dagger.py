@@ -67,16 +67,17 @@ def test_a_run_killed_in_training_resumes_it(recorded, start, tmp_path):
     assert summary["rounds"][1]["eval"] is None
 
 
-def test_cli_runs_a_round_growing_to_fused_frames_and_refuses_a_game_without_an_expert(recorded, start, tmp_path):
+def test_cli_runs_a_streaming_round_growing_to_fused_frames_and_refuses_a_game_without_an_expert(recorded, start, tmp_path):
     runner = CliRunner()
     out = tmp_path / "dagger"
     result = runner.invoke(app, ["dagger", "--ckpt", str(start), "--game", "Breakout", "--data", str(recorded),
                                  "--rounds", "1", "--rollouts", "1", "--eval-episodes", "1", "--max-seconds", "1",
-                                 "--steps", "2", "--lr", "3e-4", "--context-frames", "2", "--fuse-frames", "--out", str(out)])
+                                 "--steps", "2", "--lr", "3e-4", "--context-frames", "2", "--fuse-frames", "--stream",
+                                 "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "round 1:" in result.output and (out / "dagger.json").exists()
     trained = read_run_config(out / "round1" / "run")
-    assert trained["train"]["lr"] == 3e-4
+    assert trained["train"]["lr"] == 3e-4 and trained["data"]["preload"] is False
     assert trained["model"]["context_frames"] == 2 and trained["model"]["fuse_frames"]  # grown from the one-frame start
     result = runner.invoke(app, ["dagger", "--ckpt", str(start), "--game", "Pitfall", "--data", str(recorded),
                                  "--out", str(tmp_path / "other")])

@@ -225,6 +225,7 @@ def dagger(
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of each round (default: the start run's; lower suits fine-tuning, e.g. 3e-4)."),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", min=0),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0),
+    preload: bool = typer.Option(True, "--preload/--stream", help="Decode all training frames into RAM each round, or windows on demand (less RAM; give it --num-workers)."),
     device: str = typer.Option("cpu", "--device", help="Where the policy plays: cpu | cuda | cuda:N (training takes a GPU when there is one)."),
 ) -> None:
     """DAgger: the policy plays, the scripted expert labels every screen it saw, training goes on from
@@ -246,7 +247,8 @@ def dagger(
                                          eval_episodes=eval_episodes, max_seconds=max_seconds,
                                          replan_every=replan_every, sample_steps=sample_steps,
                                          context_frames=context_frames, fuse_frames=fuse_frames)
-        summary = dagger_rounds.dagger(ckpt, [Source.parse(d) for d in data], out, cfg, train_cfg, device=device)
+        summary = dagger_rounds.dagger(ckpt, [Source.parse(d) for d in data], out, cfg, train_cfg, device=device,
+                                       preload=preload)
     except (ValueError, OSError, VideoError) as e:
         fail(str(e))
     for r in summary["rounds"]:

@@ -53,10 +53,12 @@ class DaggerConfig:
 
 
 def dagger(start: Path, sources: list[Source], out: Path, cfg: DaggerConfig, train_cfg: TrainConfig,
-           device: str = "cpu", progress: bool = True) -> dict:
+           device: str = "cpu", progress: bool = True, preload: bool = True) -> dict:
     """Run ``cfg.rounds`` DAgger rounds from the policy run ``start``, training each round with
     ``train_cfg`` on ``sources`` (the expert data) plus every round's relabelled episodes. Returns
-    (and writes to ``out/dagger.json``) the summary; rounds already done in ``out`` are not redone."""
+    (and writes to ``out/dagger.json``) the summary; rounds already done in ``out`` are not redone.
+    ``preload=False`` streams windows from video instead of decoding the whole (growing) aggregate
+    into RAM each round."""
     out, start = Path(out), Path(start)
     out.mkdir(parents=True, exist_ok=True)
     where = check_device(device)
@@ -90,7 +92,7 @@ def dagger(start: Path, sources: list[Source], out: Path, cfg: DaggerConfig, tra
         run = here / "run"
         if not run_finished(run):
             train_policy(sources + relabelled, run, config, train_cfg, init_from=policy_run,
-                         resume=(run / "config.json").exists())
+                         resume=(run / "config.json").exists(), preload=preload)
         summary["rounds"].append({"round": r, "run": str(run), "rollouts": summary_of(rollouts),
                                   "eval": evaluated(run, here / "play")})
         write_json_atomic(out / "dagger.json", summary)

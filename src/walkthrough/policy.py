@@ -598,6 +598,6 @@ def train_policy(sources: list[Source], out: Path, config: PolicyConfig, train_c
 
     data = {"sources": summary, "val_episodes": [e.video_id for e in held_out],
             "use_confidence": use_confidence, "vision_pretrained": str(vision_pretrained or ""),
-            "init_from": str(init_from or "")}
+            "init_from": str(init_from or ""), "preload": preload}
     return train(model, train_cfg, train_set, val_set, out, resume=resume,
                  evaluate=evaluate if val_set is not None else None, model_type="policy", data=data)
