@@ -3,10 +3,12 @@
 Closed-loop play at 30 fps that re-plans every 8 frames needs one chunk per 8 / 30 s = 267 ms,
 together with preprocessing the 8 frames in between. For K = 4 and K = 16 Euler steps this reports
 the latency of one chunk (batch 1: what acting needs), actions sampled per second, and the
-real-time ratio: the time budget over the time used (>= 1 means real time).
+real-time ratio: the time budget over the time used (>= 1 means real time). Then, at K = 4, the
+cost of a chunk per game when B games are played at once (``play --batch B``: one policy call
+samples the chunks of all B), as a speed-up over one call per game.
 
     python benchmarks/bench_policy_inference.py [--ckpt RUN] [--threads 1] [--repeats 50]
-    python benchmarks/bench_policy_inference.py --context-frames 2 [--fuse-frames]
+    python benchmarks/bench_policy_inference.py --context-frames 2 [--fuse-frames] [--batches 1,4,16]
 
 Without --ckpt the CPU preset is built with random weights (latency does not depend on them), seeing
 --context-frames frames: each with tokens of its own, or stacked in each patch (--fuse-frames).
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--replan-every", type=int, default=8)
     parser.add_argument("--context-frames", type=int, default=1, help="without --ckpt: frames the policy sees")
     parser.add_argument("--fuse-frames", action="store_true", help="without --ckpt: frames stacked in each patch")
+    parser.add_argument("--batches", default="1,4,16", help="games played at once, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -79,6 +82,14 @@ def main() -> None:
             print(f"K={steps:2d}: {1000 * latency:7.2f} ms/chunk (p90 {1000 * np.quantile(seconds, 0.9):.2f}), "
                   f"{cfg.horizon / latency:8.1f} actions/s, real-time ratio {ratio:.1f}x "
                   f"at {args.fps:g} fps re-planning every {args.replan_every}")
+        result["batched"] = {}
+        for batch in [int(b) for b in args.batches.split(",")]:
+            many = frames.expand(batch, *frames.shape[1:])  # (B, F, 3, H, W)
+            per_game = float(np.median(timed(lambda: policy.sample(many, steps=4), args.repeats))) / batch
+            speedup = result["sample_steps"][4]["latency_ms"] / (1000 * per_game)
+            result["batched"][batch] = {"ms_per_game_chunk": round(1000 * per_game, 2), "speedup": round(speedup, 2)}
+            print(f"K= 4, {batch:3d} games at once: {1000 * per_game:7.2f} ms per game's chunk, "
+                  f"{speedup:.1f}x one call per game")
     print("JSON: " + json.dumps(result))
 
 

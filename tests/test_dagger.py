@@ -71,11 +71,12 @@ def test_cli_runs_a_streaming_round_growing_to_fused_frames_and_refuses_a_game_w
     runner = CliRunner()
     out = tmp_path / "dagger"
     result = runner.invoke(app, ["dagger", "--ckpt", str(start), "--game", "Breakout", "--data", str(recorded),
-                                 "--rounds", "1", "--rollouts", "1", "--eval-episodes", "1", "--max-seconds", "1",
+                                 "--rounds", "1", "--rollouts", "2", "--eval-episodes", "1", "--max-seconds", "1",
                                  "--steps", "2", "--lr", "3e-4", "--context-frames", "2", "--fuse-frames", "--stream",
-                                 "--out", str(out)])
+                                 "--play-batch", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "round 1:" in result.output and (out / "dagger.json").exists()
+    assert json.loads((out / "round1" / "rollouts" / "scores.json").read_text())["batch"] == 2
     trained = read_run_config(out / "round1" / "run")
     assert trained["train"]["lr"] == 3e-4 and trained["data"]["preload"] is False
     assert trained["model"]["context_frames"] == 2 and trained["model"]["fuse_frames"]  # grown from the one-frame start

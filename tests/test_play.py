@@ -49,7 +49,7 @@ def test_agent_replans_every_n_steps_from_its_context():
     assert len(agent.latencies) == 3  # steps 0, 3 and 6
     assert actions.shape == (7, A.ACTION_DIM)
     A.validate(actions)
-    assert len(agent.context) == 2
+    assert len(agent.contexts[0]) == 2
     with pytest.raises(ValueError, match="replan_every"):
         Agent(policy, "Breakout", replan_every=policy.config.horizon + 1)
 
@@ -63,12 +63,37 @@ def test_play_writes_scores_and_video(tmp_path):
     assert (tmp_path / "Breakout_ep0.mp4").stat().st_size > 0 and not (tmp_path / "Breakout_ep1.mp4").exists()
 
 
+def test_batched_play_samples_the_games_together(tmp_path, monkeypatch):
+    """Three episodes two at a time: the first two share each policy call, the third takes the slot
+    the first frees; results come back in seed order, as played alone."""
+    sizes = []
+    sample = Policy.sample
+
+    def counted(self, frames, *args):
+        sizes.append(len(frames))
+        return sample(self, frames, *args)
+
+    monkeypatch.setattr(Policy, "sample", counted)
+    alone = play(tiny_policy(), "Pong", episodes=3, out=tmp_path / "alone", max_seconds=1.0, videos=0,
+                 progress=False, seed=5)
+    assert sizes == [1] * 12  # 30 steps, a chunk every 8
+    sizes.clear()
+    together = play(tiny_policy(), "Pong", episodes=3, out=tmp_path / "together", max_seconds=1.0, videos=2,
+                    progress=False, seed=5, batch=2)
+    assert sizes == [2] * 4 + [1] * 4
+    assert [e["seed"] for e in together["episodes"]] == [5, 6, 7] and together["batch"] == 2
+    assert [e["steps"] for e in together["episodes"]] == [e["steps"] for e in alone["episodes"]] == [30] * 3
+    assert sorted(p.name for p in (tmp_path / "together").glob("*.mp4")) == ["Pong_ep0.mp4", "Pong_ep1.mp4"]
+    with pytest.raises(ValueError, match="batch"):
+        play(tiny_policy(), "Pong", episodes=1, out=tmp_path / "none", progress=False, batch=0)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the stand-in agents sample no chunks: no latency to average
 def test_expert_agreement_grades_each_step_against_the_scripted_expert(tmp_path, monkeypatch):
     """An idle player never serves in Breakout, where the expert's first move is to serve: 0 agreement.
     A player that does what the noise-free expert does agrees on every step; games without an expert
     get no agreement."""
-    monkeypatch.setattr(Agent, "act", lambda self, frame: A.idle(1)[0])
+    monkeypatch.setattr(Agent, "act_all", lambda self, frames: {slot: A.idle(1)[0] for slot in frames})
     idle = play(tiny_policy(), "Breakout", episodes=1, out=tmp_path / "idle", max_seconds=2.0, videos=0, progress=False)
     assert idle["episodes"][0]["expert_agreement"] == 0.0 and idle["expert_agreement"] == 0.0
     assert idle["expert_agreement_by_action"] == {"FIRE": 0.0}
@@ -88,12 +113,12 @@ def test_expert_agreement_grades_each_step_against_the_scripted_expert(tmp_path,
 
     twin = {}
 
-    def mimic(self, frame):
+    def mimic(self, frames):
         expert = twin.setdefault("expert", ExpertPlayer(envs[-1], aim_px=0.0, lapses_per_s=0.0, serve_delay_s=0.0))
-        return A.ale_to_gamepad(expert.act(envs[-1]))
+        return {0: A.ale_to_gamepad(expert.act(envs[-1]))}
 
     monkeypatch.setattr(play_module, "AtariGame", Watched)
-    monkeypatch.setattr(Agent, "act", mimic)
+    monkeypatch.setattr(Agent, "act_all", mimic)
     same = play(tiny_policy(), "Breakout", episodes=1, out=tmp_path / "same", max_seconds=2.0, videos=0, progress=False)
     assert same["expert_agreement"] == 1.0
     assert len(same["expert_agreement_by_action"]) > 1 and set(same["expert_agreement_by_action"].values()) == {1.0}
@@ -104,10 +129,10 @@ def test_expert_agreement_grades_each_step_against_the_scripted_expert(tmp_path,
 def test_relabel_writes_the_visited_screens_with_the_experts_actions(tmp_path, monkeypatch):
     """DAgger data: an idle agent never serves, the expert would serve on every screen it leaves
     behind; the store keeps what the agent did beside the expert's label, and trains no IDM."""
-    monkeypatch.setattr(Agent, "act", lambda self, frame: A.idle(1)[0])
+    monkeypatch.setattr(Agent, "act_all", lambda self, frames: {slot: A.idle(1)[0] for slot in frames})
     store = tmp_path / "relabel"
     play(tiny_policy(), "Breakout", episodes=2, out=tmp_path / "play", max_seconds=1.0, videos=0, progress=False,
-         relabel=store)
+         relabel=store, batch=2)
     episodes = list(ChunkStore(store))
     assert [e.video_id for e in episodes] == ["Breakout-relabel-s0000", "Breakout-relabel-s0001"]
     for e in episodes:

@@ -172,6 +172,7 @@ def play(
     videos: int = typer.Option(1, "--videos", min=0, help="How many of the first episodes to save as mp4."),
     relabel: Optional[Path] = typer.Option(None, "--relabel", help="Also write each episode to this chunk store, labelled with the scripted expert's action for every screen (DAgger data for train-policy --data)."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights when the run has them."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Episodes played at once, their chunks sampled in one policy call (faster, most on a GPU; the sampling noise then depends on it)."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads; one chunk for one frame is too small to split, so 1 is fastest."),
     device: str = typer.Option("cpu", "--device", help="Where the policy runs: cpu | cuda | cuda:N (large presets need a GPU to act in real time)."),
 ) -> None:
@@ -195,7 +196,7 @@ def play(
         policy = load_model(ckpt, ema=ema).to(where)
         result = play_games(policy, name[0], episodes, out, replan_every=replan_every,
                             sample_steps=sample_steps, cfg_scale=cfg_scale, seed=seed, max_seconds=max_seconds,
-                            sticky=sticky, videos=videos, relabel=relabel)
+                            sticky=sticky, videos=videos, relabel=relabel, batch=batch)
     except (ValueError, OSError, VideoError) as e:
         fail(str(e))
     agreement = result["expert_agreement"]
@@ -225,6 +226,7 @@ def dagger(
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of each round (default: the start run's; lower suits fine-tuning, e.g. 3e-4)."),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", min=0),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0),
+    play_batch: int = typer.Option(1, "--play-batch", min=1, help="Episodes played at once in rollouts and evaluation (as play's --batch)."),
     preload: bool = typer.Option(True, "--preload/--stream", help="Decode all training frames into RAM each round, or windows on demand (less RAM; give it --num-workers)."),
     device: str = typer.Option("cpu", "--device", help="Where the policy plays: cpu | cuda | cuda:N (training takes a GPU when there is one)."),
 ) -> None:
@@ -246,7 +248,7 @@ def dagger(
         cfg = dagger_rounds.DaggerConfig(game=game, rounds=rounds, rollouts=rollouts, rollout_seed=rollout_seed,
                                          eval_episodes=eval_episodes, max_seconds=max_seconds,
                                          replan_every=replan_every, sample_steps=sample_steps,
-                                         context_frames=context_frames, fuse_frames=fuse_frames)
+                                         context_frames=context_frames, fuse_frames=fuse_frames, play_batch=play_batch)
         summary = dagger_rounds.dagger(ckpt, [Source.parse(d) for d in data], out, cfg, train_cfg, device=device,
                                        preload=preload)
     except (ValueError, OSError, VideoError) as e:

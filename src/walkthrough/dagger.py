@@ -43,13 +43,14 @@ class DaggerConfig:
     # Frames the policy sees; more than the start run's grows it in round 1 (``policy.initialised_from``)
     context_frames: int | None = None
     fuse_frames: bool = False  # grow to the context frames stacked in each patch (``PolicyConfig.fuse_frames``)
+    play_batch: int = 1  # episodes played at once, rollouts and evaluation alike (``play``'s ``batch``)
 
     def __post_init__(self) -> None:
         if self.game not in EXPERT_GAMES:
             raise ValueError(f"DAgger needs a scripted expert to label; {self.game} has none "
                              f"(games with one: {', '.join(EXPERT_GAMES)})")
-        if self.rounds < 1 or self.rollouts < 1 or self.eval_episodes < 0:
-            raise ValueError("rounds and rollouts must be >= 1, eval_episodes >= 0")
+        if self.rounds < 1 or self.rollouts < 1 or self.eval_episodes < 0 or self.play_batch < 1:
+            raise ValueError("rounds, rollouts and play_batch must be >= 1, eval_episodes >= 0")
 
 
 def dagger(start: Path, sources: list[Source], out: Path, cfg: DaggerConfig, train_cfg: TrainConfig,
@@ -74,7 +75,8 @@ def dagger(start: Path, sources: list[Source], out: Path, cfg: DaggerConfig, tra
         policy = load_model(run).to(where)
         return play(policy, cfg.game, episodes, folder, replan_every=cfg.replan_every,
                     sample_steps=cfg.sample_steps, seed=seed, max_seconds=cfg.max_seconds,
-                    videos=0 if relabel is not None else 1, progress=progress, relabel=relabel)
+                    videos=0 if relabel is not None else 1, progress=progress, relabel=relabel,
+                    batch=cfg.play_batch)
 
     def evaluated(run: Path, folder: Path) -> dict | None:
         return summary_of(played(run, folder, cfg.eval_episodes, 0)) if cfg.eval_episodes else None

@@ -14,10 +14,10 @@ per-button F1 and stick error of the first action and of the whole chunk.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections import Counter, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
@@ -48,10 +48,14 @@ def preprocess(frame: np.ndarray, size: int) -> np.ndarray:
 
 # --- 1. Closed loop ------------------------------------------------------------------------------------
 class Agent:
-    """Acts from pixels with action chunks: re-plans every ``replan_every`` steps, follows the plan between."""
+    """Acts from pixels with action chunks: re-plans every ``replan_every`` steps, follows the plan between.
+
+    It can act in ``slots`` games at once (``act_all``): each keeps its own context and plan, and the
+    chunks of all games due to re-plan at a step are sampled in one batch.
+    """
 
     def __init__(self, policy: Policy, game: str, replan_every: int = 8, sample_steps: int | None = None,
-                 cfg_scale: float = 1.0, seed: int = 0):
+                 cfg_scale: float = 1.0, seed: int = 0, slots: int = 1):
         horizon = policy.config.horizon
         if not 1 <= replan_every <= horizon:
             raise ValueError(f"replan_every must be in 1..{horizon} (the policy's chunk), got {replan_every}")
@@ -60,32 +64,67 @@ class Agent:
         self.device = next(policy.parameters()).device
         self.game = torch.tensor([policy.config.game_id(game)], device=self.device)
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.context: deque[np.ndarray] = deque(maxlen=policy.config.context_frames)
-        self.plan: deque[np.ndarray] = deque()
-        self.latencies: list[float] = []  # seconds per sampled chunk
+        self.contexts = [deque(maxlen=policy.config.context_frames) for _ in range(slots)]
+        self.plans: list[deque[np.ndarray]] = [deque() for _ in range(slots)]
+        self.latencies: list[float] = []  # seconds per sampled batch of chunks
 
-    def reset(self) -> None:
-        self.context.clear()
-        self.plan.clear()
+    def reset(self, slot: int = 0) -> None:
+        self.contexts[slot].clear()
+        self.plans[slot].clear()
 
     def act(self, frame: np.ndarray) -> np.ndarray:
-        """The screen now (H, W, 3) uint8 -> the (21,) gamepad action to take."""
-        self.context.append(preprocess(frame, self.policy.config.image_size))
-        while len(self.context) < self.context.maxlen:  # episode start: repeat the first frame
-            self.context.appendleft(self.context[0])
-        if not self.plan:
-            frames = torch.from_numpy(np.stack(self.context)).permute(0, 3, 1, 2)[None].to(self.device)  # (1, F, 3, H, W)
+        """The screen now (H, W, 3) uint8 -> the (21,) gamepad action to take (one game, slot 0)."""
+        return self.act_all({0: frame})[0]
+
+    def act_all(self, frames: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """The screen now of each game in play, by slot -> the (21,) action to take in each."""
+        for slot, frame in frames.items():
+            context = self.contexts[slot]
+            context.append(preprocess(frame, self.policy.config.image_size))
+            while len(context) < context.maxlen:  # episode start: repeat the first frame
+                context.appendleft(context[0])
+        due = [slot for slot in frames if not self.plans[slot]]
+        if due:
+            stacked = np.stack([np.stack(self.contexts[slot]) for slot in due])  # (B, F, H, W, 3)
+            batch = torch.from_numpy(stacked).permute(0, 1, 4, 2, 3).to(self.device)  # (B, F, 3, H, W)
             start = time.perf_counter()
-            chunk = self.policy.sample(frames, self.game, self.sample_steps, self.cfg_scale, self.generator)
+            chunks = self.policy.sample(batch, self.game.expand(len(due)), self.sample_steps, self.cfg_scale,
+                                        self.generator)  # (B, H, 21)
             self.latencies.append(time.perf_counter() - start)
-            self.plan.extend(chunk[0, : self.replan_every].cpu().numpy())  # (n, 21)
-        return self.plan.popleft()
+            for slot, chunk in zip(due, chunks[:, : self.replan_every].cpu().numpy()):
+                self.plans[slot].extend(chunk)  # (n, 21)
+        return {slot: self.plans[slot].popleft() for slot in frames}
+
+
+@dataclass
+class _Episode:
+    """One episode in play: its game, the videos it is written to, and its tallies."""
+    index: int
+    env: AtariGame
+    frame: np.ndarray  # the screen now
+    judge: ExpertPlayer | None  # the noise-free expert grading each step, where the game has one
+    recording: VideoWriter | None  # PLAY/<game>_ep<i>.mp4
+    relabelled: VideoWriter | None  # the relabel store's video
+    score: float = 0.0
+    agreed: int = 0  # steps where the agent did what the expert would
+    experts: list[int] = field(default_factory=list)  # per step: the expert's ALE action
+    applied: list[int] = field(default_factory=list)  # ...and the one the game applied
+
+    @property
+    def writers(self) -> list[VideoWriter]:
+        return [v for v in (self.recording, self.relabelled) if v is not None]
 
 
 def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int = 8,
          sample_steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0, max_seconds: float = 300.0,
-         sticky: float = 0.0, videos: int = 1, progress: bool = True, relabel: Path | None = None) -> dict:
+         sticky: float = 0.0, videos: int = 1, progress: bool = True, relabel: Path | None = None,
+         batch: int = 1) -> dict:
     """Play ``episodes`` episodes of ``game`` (episode i seeded ``seed + i``); write and return the scores.
+
+    ``batch`` episodes are played at once, their chunks sampled together: one policy call serves
+    them all, which pays off on a GPU and, less, on CPU cores. Each episode's game is seeded as
+    alone, but the policy's sampling noise depends on which episodes share a batch, so ``batch``
+    is part of what makes a play reproducible.
 
     ``relabel``: also write every episode into this chunk store, each screen the policy saw with the
     action the scripted expert would have taken there (DAgger's data: the states the policy visits,
@@ -95,50 +134,81 @@ def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int 
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    env = AtariGame(game, seed=seed, fps=policy.config.fps, sticky=sticky, max_seconds=max_seconds)
-    agent = Agent(policy, game, replan_every, sample_steps, cfg_scale, seed)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     graded = game in EXPERT_GAMES  # a scripted expert can judge each step
     if relabel is not None:
         if not graded:
             raise ValueError(f"--relabel needs a scripted expert; {game} has none (games with one: {', '.join(EXPERT_GAMES)})")
         video_path(relabel, "_").parent.mkdir(parents=True, exist_ok=True)
+    slots = min(batch, episodes)
+    envs = [AtariGame(game, seed=seed, fps=policy.config.fps, sticky=sticky, max_seconds=max_seconds)
+            for _ in range(slots)]
+    agent = Agent(policy, game, replan_every, sample_steps, cfg_scale, seed, slots=slots)
     runs, wanted, agreed_on = [], Counter(), Counter()  # per ALE action the expert wanted
+    fps = policy.config.fps
+
+    def begin(slot: int, i: int) -> _Episode:
+        env = envs[slot]
+        frame = env.reset(seed + i)
+        agent.reset(slot)
+        video_id = f"{game}-relabel-s{seed + i:04d}"
+        return _Episode(i, env, frame, ExpertPlayer.judge(env) if graded else None,
+                        VideoWriter(out / f"{game}_ep{i}.mp4", fps) if i < videos else None,
+                        VideoWriter(video_path(relabel, video_id), fps)
+                        if relabel is not None and not episode_exists(relabel, video_id) else None)
+
+    def finish(episode: _Episode) -> None:
+        env = episode.env
+        for video in episode.writers:
+            video.close()
+        if episode.relabelled is not None:
+            write_played_episode(relabel, f"{game}-relabel-s{seed + episode.index:04d}", env,
+                                 np.asarray(episode.experts),
+                                 {"player": "policy", "labeler": "scripted expert (DAgger relabel)", "score": episode.score},
+                                 {"ale_action": np.asarray(episode.applied, dtype=np.int64)})
+        runs.append({"seed": seed + episode.index, "score": episode.score, "steps": env.steps,
+                     "truncated": env.truncated, "expert_agreement": episode.agreed / env.steps if graded else None})
+
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    queue = iter(range(episodes))
+    active: dict[int, _Episode] = {}
     with Progress(*columns, disable=not progress) as bar, torch.inference_mode():
         task = bar.add_task(f"{game}", total=episodes)
-        for i in range(episodes):
-            frame, done, score, agreed = env.reset(seed + i), False, 0.0, 0
-            agent.reset()
-            judge = ExpertPlayer.judge(env) if graded else None
-            recording = VideoWriter(out / f"{game}_ep{i}.mp4", policy.config.fps) if i < videos else None
-            video_id = f"{game}-relabel-s{seed + i:04d}"
-            relabelled = (VideoWriter(video_path(relabel, video_id), policy.config.fps)
-                          if relabel is not None and not episode_exists(relabel, video_id) else None)
-            experts, applied = [], []  # per step: the expert's ALE action, the agent's
-            with recording or contextlib.nullcontext(), relabelled or contextlib.nullcontext():
-                while not done:
-                    for video in (recording, relabelled):
-                        if video is not None:
-                            video.write(frame)
-                    action = A.gamepad_to_ale(agent.act(frame), env.minimal_actions)
-                    if judge is not None:
-                        expert = judge.act(env)
+        try:
+            for slot in range(slots):
+                active[slot] = begin(slot, next(queue))
+            while active:
+                for episode in active.values():
+                    for video in episode.writers:
+                        video.write(episode.frame)
+                chosen = agent.act_all({slot: episode.frame for slot, episode in active.items()})
+                for slot, episode in list(active.items()):
+                    env = episode.env
+                    action = A.gamepad_to_ale(chosen[slot], env.minimal_actions)
+                    if episode.judge is not None:
+                        expert = episode.judge.act(env)
                         wanted[A.ALE_ACTIONS[expert]] += 1
                         agreed_on[A.ALE_ACTIONS[expert]] += action == expert
-                        agreed += action == expert
-                        experts.append(expert)
-                    frame, reward, done = env.step_ale(action)
-                    applied.append(env.applied)
-                    score += reward
-                    if env.steps % int(policy.config.fps) == 0:
-                        bar.update(task, description=f"{game} ep {i} t={env.steps / env.fps:.0f}s score {score:g}")
-            if relabelled is not None:
-                write_played_episode(relabel, video_id, env, np.asarray(experts),
-                                     {"player": "policy", "labeler": "scripted expert (DAgger relabel)", "score": score},
-                                     {"ale_action": np.asarray(applied, dtype=np.int64)})
-            runs.append({"seed": seed + i, "score": score, "steps": env.steps, "truncated": env.truncated,
-                         "expert_agreement": agreed / env.steps if graded else None})
-            bar.update(task, advance=1, description=f"{game} ep {i} score {score:g}")
+                        episode.agreed += action == expert
+                        episode.experts.append(expert)
+                    episode.frame, reward, done = env.step_ale(action)
+                    episode.applied.append(env.applied)
+                    episode.score += reward
+                    if slot == min(active) and env.steps % int(fps) == 0:
+                        bar.update(task, description=f"{game} ep {episode.index} t={env.steps / env.fps:.0f}s "
+                                                     f"score {episode.score:g}")
+                    if done:
+                        finish(active.pop(slot))
+                        bar.update(task, advance=1, description=f"{game} ep {episode.index} score {episode.score:g}")
+                        following = next(queue, None)
+                        if following is not None:
+                            active[slot] = begin(slot, following)
+        finally:  # stopped by an error: no half-written video is left behind
+            for episode in active.values():
+                for video in episode.writers:
+                    video.discard()
+    runs.sort(key=lambda r: r["seed"])
     scores = np.array([r["score"] for r in runs])
     result = {
         "game": game, "game_known": game in policy.config.games, "episodes": runs,
@@ -147,8 +217,8 @@ def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int 
         "expert_agreement_by_action": {name: agreed_on[name] / n for name, n in sorted(wanted.items())},
         "expert_actions": dict(sorted(wanted.items())),  # steps at which the expert wanted each action
         "replan_every": replan_every, "sample_steps": sample_steps or policy.config.sample_steps,
-        "cfg_scale": cfg_scale, "sticky": sticky, "max_seconds": max_seconds,
-        "chunk_latency_ms": 1000 * float(np.mean(agent.latencies)),
+        "cfg_scale": cfg_scale, "sticky": sticky, "max_seconds": max_seconds, "batch": slots,
+        "chunk_latency_ms": 1000 * float(np.mean(agent.latencies)),  # per policy call (a batch of chunks)
     }
     write_json_atomic(out / "scores.json", result)
     return result
