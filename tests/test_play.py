@@ -75,11 +75,11 @@ def test_batched_play_samples_the_games_together(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Policy, "sample", counted)
     alone = play(tiny_policy(), "Pong", episodes=3, out=tmp_path / "alone", max_seconds=1.0, videos=0,
-                 progress=False, seed=5)
+                 progress=False, seed=5, replan_every=8)
     assert sizes == [1] * 12  # 30 steps, a chunk every 8
     sizes.clear()
     together = play(tiny_policy(), "Pong", episodes=3, out=tmp_path / "together", max_seconds=1.0, videos=2,
-                    progress=False, seed=5, batch=2)
+                    progress=False, seed=5, batch=2, replan_every=8)
     assert sizes == [2] * 4 + [1] * 4
     assert [e["seed"] for e in together["episodes"]] == [5, 6, 7] and together["batch"] == 2
     assert [e["steps"] for e in together["episodes"]] == [e["steps"] for e in alone["episodes"]] == [30] * 3

@@ -38,7 +38,7 @@ class DaggerConfig:
     rollout_seed: int = 1000  # round R plays seeds rollout_seed + (R - 1) * rollouts on: never the evaluation's
     eval_episodes: int = 10  # per round, seeds 0..eval_episodes-1; 0 skips evaluation
     max_seconds: float = 180.0  # cap on every episode, rollouts and evaluation alike
-    replan_every: int = 8
+    replan_every: int = 2  # as play's default
     sample_steps: int | None = None  # Euler steps per chunk; None: the run's own
     # Frames the policy sees; more than the start run's grows it in round 1 (``policy.initialised_from``)
     context_frames: int | None = None

@@ -155,7 +155,7 @@ def run_demo(out: Path, config: DemoConfig) -> dict:
         for game in config.all_games:
             stage.run(f"play {game} with policy {name}", "play", "--ckpt", runs / f"policy-{name}",
                       "--game", game, "--episodes", config.play_episodes, "--max-seconds", config.play_seconds,
-                      "--seed", seed + 5000, "--out", play / name / game)
+                      "--batch", config.play_episodes, "--seed", seed + 5000, "--out", play / name / game)
     for player in ("random", "expert"):
         for game in config.all_games:
             stage.run(f"score the {player} player on {game}", "record", "--game", game, "--player", player,

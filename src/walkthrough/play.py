@@ -54,7 +54,7 @@ class Agent:
     chunks of all games due to re-plan at a step are sampled in one batch.
     """
 
-    def __init__(self, policy: Policy, game: str, replan_every: int = 8, sample_steps: int | None = None,
+    def __init__(self, policy: Policy, game: str, replan_every: int = 2, sample_steps: int | None = None,
                  cfg_scale: float = 1.0, seed: int = 0, slots: int = 1):
         horizon = policy.config.horizon
         if not 1 <= replan_every <= horizon:
@@ -115,7 +115,7 @@ class _Episode:
         return [v for v in (self.recording, self.relabelled) if v is not None]
 
 
-def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int = 8,
+def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int = 2,
          sample_steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0, max_seconds: float = 300.0,
          sticky: float = 0.0, videos: int = 1, progress: bool = True, relabel: Path | None = None,
          batch: int = 1) -> dict:
