@@ -135,7 +135,7 @@ PYTHON
 }
 
 if [ "$EPISODES" -gt 0 ] && [ -n "$PLAY_START" ]; then
-    echo "== play: $EPISODES $GAME episodes per run, one process each, K = 4, re-plan every 8"
+    echo "== play: $EPISODES $GAME episodes per run, one process each, K = 4, re-plan every 2 (play's default)"
     play_runs 0 "$EPISODES" 0 "${!RUNS[@]}"
     summarise play "${!RUNS[@]}"
     echo "play done at ${SECONDS}s"
