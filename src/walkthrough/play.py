@@ -148,11 +148,14 @@ def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int 
     runs, wanted, agreed_on = [], Counter(), Counter()  # per ALE action the expert wanted
     fps = policy.config.fps
 
+    def relabel_id(i: int) -> str:
+        return f"{game}-relabel-s{seed + i:04d}"
+
     def begin(slot: int, i: int) -> _Episode:
         env = envs[slot]
         frame = env.reset(seed + i)
         agent.reset(slot)
-        video_id = f"{game}-relabel-s{seed + i:04d}"
+        video_id = relabel_id(i)
         return _Episode(i, env, frame, ExpertPlayer.judge(env) if graded else None,
                         VideoWriter(out / f"{game}_ep{i}.mp4", fps) if i < videos else None,
                         VideoWriter(video_path(relabel, video_id), fps)
@@ -163,7 +166,7 @@ def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int 
         for video in episode.writers:
             video.close()
         if episode.relabelled is not None:
-            write_played_episode(relabel, f"{game}-relabel-s{seed + episode.index:04d}", env,
+            write_played_episode(relabel, relabel_id(episode.index), env,
                                  np.asarray(episode.experts),
                                  {"player": "policy", "labeler": "scripted expert (DAgger relabel)", "score": episode.score},
                                  {"ale_action": np.asarray(episode.applied, dtype=np.int64)})
