@@ -141,12 +141,10 @@ def play(policy: Policy, game: str, episodes: int, out: Path, replan_every: int 
         if not graded:
             raise ValueError(f"--relabel needs a scripted expert; {game} has none (games with one: {', '.join(EXPERT_GAMES)})")
         video_path(relabel, "_").parent.mkdir(parents=True, exist_ok=True)
-    slots = min(batch, episodes)
-    envs = [AtariGame(game, seed=seed, fps=policy.config.fps, sticky=sticky, max_seconds=max_seconds)
-            for _ in range(slots)]
+    slots, fps = min(batch, episodes), policy.config.fps
+    envs = [AtariGame(game, seed=seed, fps=fps, sticky=sticky, max_seconds=max_seconds) for _ in range(slots)]
     agent = Agent(policy, game, replan_every, sample_steps, cfg_scale, seed, slots=slots)
     runs, wanted, agreed_on = [], Counter(), Counter()  # per ALE action the expert wanted
-    fps = policy.config.fps
 
     def relabel_id(i: int) -> str:
         return f"{game}-relabel-s{seed + i:04d}"
